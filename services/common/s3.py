@@ -4,6 +4,7 @@ server, LocalStack, AWS)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -53,6 +54,13 @@ def sha256_file(path: Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _is_missing(exc: ClientError) -> bool:
@@ -128,7 +136,7 @@ class ObjectStore:
         return StoredObject(key, len(data), digest)
 
     async def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> StoredObject:
-        data = path.read_bytes()
+        data = await asyncio.to_thread(path.read_bytes)
         return await self.put_bytes(key, data, content_type)
 
     async def head(self, key: str) -> StoredObject:
@@ -149,10 +157,7 @@ class ObjectStore:
 
     async def get_file(self, key: str, path: Path, expected_sha256: str | None = None) -> StoredObject:
         data = await self.get_bytes(key, expected_sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        await asyncio.to_thread(_write_atomically, path, data)
         return StoredObject(key, len(data), sha256_bytes(data))
 
     async def list_keys(self, prefix: str) -> AsyncIterator[StoredObject]:

@@ -1731,7 +1731,9 @@ class RunClaim(_message.Message):
     plate: _builtins.str
     """The plate."""
     generation: _builtins.int
-    """The results generation being reduced; the report gets this version."""
+    """The results generation being reduced: it grows by one each time a site
+    of the run settles (done or failed), so a re-run makes a new generation.
+    """
     @_builtins.property
     def pipeline(self) -> _types_pb2.PipelineRef:
         """The pipeline."""
@@ -1933,16 +1935,23 @@ class PlateReport(_message.Message):
     SITES_FIELD_NUMBER: _builtins.int
     MISSING_SITES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     plate: _builtins.str
     """The plate."""
     pipeline_sha256: _builtins.str
     """The pipeline."""
     version: _builtins.int
-    """The version: 1 for the first reduce, more after sites were re-run."""
+    """The version, assigned by the catalog: 1 for the first report of this
+    (plate, pipeline), 2 after sites were re-run and the plate reduced again.
+    """
     wells: _builtins.int
     """Wells in the report."""
     sites: _builtins.int
     """Sites in the report."""
+    generation: _builtins.int
+    """The results generation reduced (from RunClaim.generation): registering
+    the same generation twice records one report.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportFile]:
         """The files."""
@@ -1966,10 +1975,11 @@ class PlateReport(_message.Message):
         sites: _builtins.int = ...,
         missing_sites: _abc.Iterable[Global___MissingSite] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "files", b"files", "missing_sites", b"missing_sites", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "sites", b"sites", "version", b"version", "wells", b"wells"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "files", b"files", "generation", b"generation", "missing_sites", b"missing_sites", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "sites", b"sites", "version", b"version", "wells", b"wells"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1984,7 +1994,7 @@ class RegisterPlateReportRequest(_message.Message):
     REPORT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def report(self) -> Global___PlateReport:
-        """The report; its version is the generation that was reduced."""
+        """The report; the catalog assigns its version."""
 
     def __init__(
         self,
@@ -2006,16 +2016,22 @@ class RegisterPlateReportResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDED_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
     recorded: _builtins.bool
-    """True if this call registered it, false if this version was there already."""
+    """True if this call registered it, false if this generation was there already."""
+    @_builtins.property
+    def report(self) -> Global___PlateReport:
+        """The report as stored, with its version."""
+
     def __init__(
         self,
         *,
         recorded: _builtins.bool = ...,
+        report: Global___PlateReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
