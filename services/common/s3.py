@@ -71,7 +71,9 @@ def _is_missing(exc: ClientError) -> bool:
 class ObjectStore:
     """`async with ObjectStore(settings) as store:` — one client for the process."""
 
-    def __init__(self, settings: S3Settings, connect_timeout: float = 5.0, read_timeout: float = 60.0) -> None:
+    def __init__(
+        self, settings: S3Settings, connect_timeout: float = 5.0, read_timeout: float = 60.0
+    ) -> None:
         self.settings = settings
         self.bucket = settings.bucket
         self._config = AioConfig(
@@ -127,7 +129,9 @@ class ObjectStore:
         async with self._errors("ping"):
             await self._client.head_bucket(Bucket=self.bucket)
 
-    async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
+    async def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> StoredObject:
         digest = sha256_bytes(data)
         async with self._errors(f"put {key}"):
             await self._client.put_object(
@@ -135,7 +139,9 @@ class ObjectStore:
             )
         return StoredObject(key, len(data), digest)
 
-    async def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> StoredObject:
+    async def put_file(
+        self, key: str, path: Path, content_type: str = "application/octet-stream"
+    ) -> StoredObject:
         data = await asyncio.to_thread(path.read_bytes)
         return await self.put_bytes(key, data, content_type)
 
