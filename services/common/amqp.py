@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,32 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from services.common.settings import Var, positive_int
+
 log = logging.getLogger(__name__)
+
+
+def _delays(raw: str) -> tuple[int, ...]:
+    delays = tuple(int(x) for x in raw.split(",") if x.strip())
+    if not delays or any(d <= 0 for d in delays):
+        raise ValueError("a comma-separated list of positive seconds, e.g. 5,30,120")
+    return delays
+
+
+AMQP_VARS = (
+    Var("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL"),
+    Var("QUEUE_PREFIX", "cellmesh"),
+    Var("RETRY_DELAYS_S", "5,30,120", _delays, "backoff of retried tasks, seconds"),
+    Var("DELIVERY_LIMIT", "5", positive_int, "deliveries before a task is dead-lettered"),
+)
+
+
+def topology_from(values: dict[str, Any]) -> Topology:
+    return Topology(
+        prefix=values["QUEUE_PREFIX"],
+        delivery_limit=values["DELIVERY_LIMIT"],
+        retry_delays=values["RETRY_DELAYS_S"],
+    )
 
 
 class BrokerUnavailable(RuntimeError):
@@ -132,7 +157,7 @@ class Delivery:
 
 SEQ_HEADER = "cellmesh-seq"
 
-Handler = Callable[[Delivery], Awaitable[None]]
+Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 
 class AmqpConnection:
@@ -197,12 +222,13 @@ class AmqpConnection:
             await asyncio.wait_for(opened, timeout)
             channel_future: asyncio.Future[Channel] = loop.create_future()
             self._conn.channel(on_open_callback=channel_future.set_result)
-            self._channel = await asyncio.wait_for(channel_future, timeout)
+            channel = await asyncio.wait_for(channel_future, timeout)
         except (TimeoutError, BrokerUnavailable):
             await self.close()
             raise
-        self._channel.add_on_close_callback(self._on_channel_closed)
-        self._channel.add_on_return_callback(self._on_return)
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
         self._pending = {}
         self._next_tag = 0
         self.closed.clear()
