@@ -1,0 +1,277 @@
+"""Processing one site: fetch its images and pipeline, run CellProfiler, judge
+and store the outputs. Returns an outcome; never talks to the queue.
+
+Failure classes follow the field's own worker: an input problem fails the site
+at once, a transient outage is retried without counting an attempt,
+CellProfiler's own failures and time-outs are retried up to a limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from cellmesh.catalog.v1 import catalog_pb2
+from cellmesh.common.v1 import types_pb2
+
+from services.common.retry import GaveUp, with_backoff
+from services.common.s3 import ChecksumMismatch, ObjectMissing, ObjectStore, ObjectStoreError
+
+log = logging.getLogger(__name__)
+
+FC = types_pb2.FailureClass
+
+
+class RunResultLike(Protocol):
+    ok: bool
+    reason: str
+    seconds: float
+    cp_version: str
+
+
+class SiteRunner(Protocol):
+    """Runs CellProfiler on one site (warm or cold, see runner.py)."""
+
+    mode: str
+
+    async def run_site(
+        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
+    ) -> RunResultLike: ...
+
+
+class OutputJudge(Protocol):
+    def __call__(self, output_dir: Path, expected_tables: list[str]) -> tuple[bool, str]: ...
+
+
+@dataclass
+class Failure:
+    failure_class: int
+    reason: str
+
+
+@dataclass
+class Success:
+    results: list[catalog_pb2.ResultFile]
+    provenance: catalog_pb2.Provenance
+
+
+@dataclass
+class Phase:
+    """What the worker is doing with a site now (for the status RPC)."""
+
+    claim: catalog_pb2.SiteClaim
+    name: str = "downloading"
+    started_at: float = field(default_factory=time.time)
+
+
+def result_prefix(claim: catalog_pb2.SiteClaim) -> str:
+    """Deterministic key prefix of an attempt's results. The attempt is part of
+    it, so files of an attempt that died half-way never mix with a later one;
+    only files registered in the catalog count."""
+    s = claim.site
+    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/a{claim.attempt}"
+
+
+def safe_file_name(image: catalog_pb2.Image) -> str:
+    name = Path(image.file_name).name if image.file_name else ""
+    if not name or name in (".", ".."):
+        suffix = Path(image.object.key).suffix or ".tif"
+        name = f"{image.site.well}_s{image.site.site}_{image.channel}{suffix}"
+    return name
+
+
+def check_images(paths: list[Path]) -> str | None:
+    """Reads every TIFF; returns what is wrong (unreadable, or of another size
+    than the site's other channels), or None."""
+    import tifffile
+
+    shapes: dict[Path, tuple[int, ...]] = {}
+    for path in paths:
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            continue
+        try:
+            data = tifffile.imread(path)
+        except Exception as exc:
+            return f"image {path.name} cannot be read: {exc}"
+        if data.size == 0:
+            return f"image {path.name} is empty"
+        shapes[path] = tuple(data.shape[-2:])
+    if len(set(shapes.values())) > 1:
+        described = ", ".join(f"{p.name} {s[0]}x{s[1]}" for p, s in shapes.items())
+        return f"the site's channel images differ in size: {described}"
+    return None
+
+
+def object_counts(output_dir: Path) -> dict[str, int]:
+    """Count_<Object> of the site's Image table (first row)."""
+    for path in sorted(output_dir.glob("*Image.csv")):
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        if len(rows) < 2:
+            return {}
+        header, first = rows[0], rows[1]
+        counts = {}
+        for name, value in zip(header, first, strict=False):
+            if name.startswith("Count_"):
+                try:
+                    counts[name[len("Count_") :]] = int(float(value))
+                except ValueError:
+                    continue
+        return counts
+    return {}
+
+
+class PipelineCache:
+    """Pipelines fetched by SHA-256 once per worker, kept on disk."""
+
+    def __init__(self, store: ObjectStore, folder: Path) -> None:
+        self._store = store
+        self._folder = folder
+        self._lock = asyncio.Lock()
+
+    async def get(self, ref: object) -> Path:
+        sha = ref.sha256  # type: ignore[attr-defined]
+        key = ref.key  # type: ignore[attr-defined]
+        path = self._folder / f"{sha}.cppipe"
+        async with self._lock:
+            if not path.exists():
+                await self._store.get_file(key, path, expected_sha256=sha)
+        return path
+
+
+class SiteProcessor:
+    """Everything between taking a site task and reporting its outcome."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        pipelines: PipelineCache,
+        judge: OutputJudge,
+        worker_id: str,
+        work_root: Path,
+        site_timeout: float,
+        transient_budget: float = 120.0,
+    ) -> None:
+        self.store = store
+        self.pipelines = pipelines
+        self.judge = judge
+        self.worker_id = worker_id
+        self.work_root = work_root
+        self.site_timeout = site_timeout
+        self.transient_budget = transient_budget
+
+    async def _s3(self, what: str, call: object) -> object:
+        return await with_backoff(
+            call,  # type: ignore[arg-type]
+            what,
+            transient=lambda exc: isinstance(exc, ObjectStoreError),
+            give_up_after=self.transient_budget,
+        )
+
+    async def process(
+        self, claim: catalog_pb2.SiteClaim, runner: SiteRunner, phase: Phase
+    ) -> Success | Failure:
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        workdir = Path(
+            tempfile.mkdtemp(prefix=f"site{claim.site_job_id}-a{claim.attempt}-", dir=self.work_root)
+        )
+        try:
+            return await self._process(claim, runner, phase, workdir)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def _process(
+        self, claim: catalog_pb2.SiteClaim, runner: SiteRunner, phase: Phase, workdir: Path
+    ) -> Success | Failure:
+        in_dir, out_dir = workdir / "in", workdir / "out"
+        in_dir.mkdir()
+        out_dir.mkdir()
+        t0 = time.perf_counter()
+        files: list[Path] = []
+        try:
+            for image in claim.images:
+                path = in_dir / safe_file_name(image)
+                await self._s3(
+                    f"download {image.object.key}",
+                    lambda image=image, path=path: self.store.get_file(
+                        image.object.key, path, image.object.sha256
+                    ),
+                )
+                files.append(path)
+            pipeline = await self._s3("download pipeline", lambda: self.pipelines.get(claim.pipeline))
+        except ObjectMissing as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
+        except ChecksumMismatch as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input corrupt: {exc}")
+        except GaveUp as exc:
+            return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
+        problem = await asyncio.to_thread(check_images, files)
+        if problem:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
+        download_s = time.perf_counter() - t0
+
+        phase.name = "running"
+        result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
+        if not result.ok:
+            timed_out = bool(getattr(result, "timed_out", False)) or "time limit" in result.reason
+            cls = FC.FAILURE_CLASS_TIMEOUT if timed_out else FC.FAILURE_CLASS_CP_PROBLEM
+            return Failure(cls, result.reason or "CellProfiler failed")
+        ok, why = await asyncio.to_thread(self.judge, out_dir, list(claim.expected_tables))
+        if not ok:
+            return Failure(FC.FAILURE_CLASS_OUTPUT_PROBLEM, why)
+
+        phase.name = "uploading"
+        t2 = time.perf_counter()
+        prefix = result_prefix(claim)
+        results: list[catalog_pb2.ResultFile] = []
+        try:
+            for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+                rel = path.relative_to(out_dir).as_posix()
+                stored = await self._s3(
+                    f"upload {rel}",
+                    lambda rel=rel, path=path: self.store.put_file(
+                        f"{prefix}/{rel}", path, _content_type(path)
+                    ),
+                )
+                results.append(
+                    catalog_pb2.ResultFile(
+                        name=rel,
+                        object=types_pb2.ObjectRef(
+                            key=stored.key,  # type: ignore[attr-defined]
+                            size=stored.size,  # type: ignore[attr-defined]
+                            sha256=stored.sha256,  # type: ignore[attr-defined]
+                        ),
+                    )
+                )
+        except GaveUp as exc:
+            return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
+        upload_s = time.perf_counter() - t2
+        provenance = catalog_pb2.Provenance(
+            cellprofiler_version=result.cp_version,
+            pipeline_sha256=claim.pipeline.sha256,
+            input_sha256=[i.object.sha256 for i in claim.images],
+            worker_id=self.worker_id,
+            download_seconds=download_s,
+            run_seconds=result.seconds,
+            upload_seconds=upload_s,
+            object_counts=await asyncio.to_thread(object_counts, out_dir),
+            mode=runner.mode,
+        )
+        return Success(results, provenance)
+
+
+def _content_type(path: Path) -> str:
+    return {
+        ".csv": "text/csv",
+        ".png": "image/png",
+        ".tif": "image/tiff",
+        ".tiff": "image/tiff",
+        ".txt": "text/plain",
+    }.get(path.suffix.lower(), "application/octet-stream")
