@@ -336,6 +336,12 @@ class AmqpConnection:
         frame = await self._call(lambda cb: self.channel.queue_declare(queue, passive=True, callback=cb))
         return int(frame.method.message_count)
 
+    async def delete_queue(self, queue: str) -> None:
+        await self._call(lambda cb: self.channel.queue_delete(queue, callback=cb))
+
+    async def delete_exchange(self, exchange: str) -> None:
+        await self._call(lambda cb: self.channel.exchange_delete(exchange, callback=cb))
+
     async def consume(self, queue: str, prefetch: int, handler: Handler) -> str:
         """Starts delivering messages of `queue` to `handler` (one task each).
         Returns the consumer tag, for `cancel`."""

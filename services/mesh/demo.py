@@ -1,0 +1,344 @@
+"""The main job: a local mesh, a plate fed into it, a checked summary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from cellmesh.common.v1 import types_pb2
+
+from services.common import synth
+from services.common.amqp import AmqpConnection, BrokerUnavailable, Topology
+from services.common.s3 import ObjectStore
+from services.common.settings import S3Settings
+from services.mesh import microscope
+from services.mesh.procs import ProcessGroup, free_port, port_open
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+NUCLEI_PIPELINE = REPO / "examples" / "pipelines" / "nuclei.cppipe"
+
+
+@dataclass
+class DemoOptions:
+    run_dir: Path
+    cp_python: str
+    workers: int = 2
+    mode: str = "warm"
+    rows: int = 8
+    columns: int = 12
+    sites: int = 2
+    size: int = 512
+    rate: float = 40.0
+    seed: int = 0
+    example: str = "generated"
+    database_url: str = ""
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    shared_data: Path = field(default_factory=lambda: REPO.parent / "shared" / "data")
+    plate: str = ""
+
+
+@dataclass
+class Mesh:
+    """Addresses and settings of a running local mesh."""
+
+    procs: ProcessGroup
+    catalog_addr: str
+    reducer_addr: str
+    s3: S3Settings
+    topology: Topology
+    env: dict[str, str]
+
+
+def _amqp_host_port(url: str) -> tuple[str, int]:
+    import pika
+
+    params = pika.URLParameters(url)
+    return str(params.host), int(params.port)
+
+
+async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
+    """Starts the S3 server, catalog, scheduler, workers and reducer."""
+    host, port = _amqp_host_port(options.amqp_url)
+    if not port_open(host, port):
+        raise RuntimeError(
+            f"RabbitMQ is not reachable on {host}:{port}. Start it with `rabbitmq-server -detached` "
+            "(or pass --amqp-url to use another broker)"
+        )
+    options.run_dir.mkdir(parents=True, exist_ok=True)
+    procs = ProcessGroup(options.run_dir / "logs")
+    s3_port = free_port()
+    s3 = S3Settings(f"http://127.0.0.1:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
+    topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}", retry_delays=(2, 10, 30))
+    database_url = options.database_url or f"sqlite+aiosqlite:///{options.run_dir / 'catalog.db'}"
+    env = {
+        "LOG_LEVEL": "INFO",
+        "S3_ENDPOINT_URL": s3.endpoint_url or "",
+        "S3_BUCKET": s3.bucket,
+        "S3_REGION": s3.region,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AMQP_URL": options.amqp_url,
+        "QUEUE_PREFIX": topology.prefix,
+        "RETRY_DELAYS_S": ",".join(str(d) for d in topology.retry_delays),
+        "GRPC_HOST": "127.0.0.1",
+    }
+    mesh = Mesh(procs, "", "", s3, topology, env)
+    try:
+        s3_proc = procs.start("s3", "services.common.s3server", {}, args=("--port", str(s3_port)))
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", s3_port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the S3 server did not start:\n{s3_proc.log_tail()}")
+            await asyncio.sleep(0.1)
+        async with ObjectStore(s3) as store:
+            await store.ensure_bucket()
+
+        catalog_port = free_port()
+        catalog = procs.start(
+            "catalog",
+            "services.catalog",
+            {**env, "DATABASE_URL": database_url, "GRPC_PORT": str(catalog_port)},
+            catalog_port,
+        )
+        await procs.wait_healthy(catalog)
+        mesh.catalog_addr = catalog.grpc_addr
+        with_catalog = {**env, "CATALOG_ADDR": catalog.grpc_addr}
+        scheduler_port = free_port()
+        await procs.wait_healthy(
+            procs.start(
+                "scheduler",
+                "services.scheduler",
+                {**with_catalog, "GRPC_PORT": str(scheduler_port), "POLL_INTERVAL_S": "0.3"},
+                scheduler_port,
+            )
+        )
+        for i in range(workers if workers is not None else options.workers):
+            await start_worker(mesh, options, i)
+        reducer_port = free_port()
+        reducer = procs.start(
+            "reducer", "services.reducer", {**with_catalog, "GRPC_PORT": str(reducer_port)}, reducer_port
+        )
+        await procs.wait_healthy(reducer)
+        mesh.reducer_addr = reducer.grpc_addr
+    except BaseException:
+        await stop_mesh(mesh)
+        raise
+    return mesh
+
+
+async def start_worker(mesh: Mesh, options: DemoOptions, index: int) -> None:
+    port = free_port()
+    proc = mesh.procs.start(
+        f"cpworker-{index}",
+        "services.cpworker",
+        {
+            **mesh.env,
+            "CATALOG_ADDR": mesh.catalog_addr,
+            "GRPC_PORT": str(port),
+            "CP_PYTHON": options.cp_python,
+            "CP_MODE": options.mode,
+            "WORK_DIR": str(options.run_dir / "work" / f"cpworker-{index}"),
+        },
+        port,
+    )
+    await mesh.procs.wait_healthy(proc, timeout=180)
+
+
+async def stop_mesh(mesh: Mesh) -> None:
+    await mesh.procs.stop()
+    # The run's queues go with it.
+    conn = AmqpConnection(mesh.env["AMQP_URL"], mesh.topology, "cleanup")
+    with contextlib.suppress(BrokerUnavailable, TimeoutError, OSError):
+        await conn.connect()
+        names = [mesh.topology.parked_queue]
+        for kind in Topology.KINDS:
+            names += [mesh.topology.queue(kind), mesh.topology.dead_queue(kind)]
+            names += [mesh.topology.retry_queue(kind, d) for d in mesh.topology.retry_delays]
+        for name in names:
+            await conn.delete_queue(name)
+        for name in (mesh.topology.exchange, mesh.topology.retry_exchange, mesh.topology.dead_exchange):
+            await conn.delete_exchange(name)
+    await conn.close()
+
+
+async def follow(
+    catalog: catalog_pb2_grpc.CatalogServiceAsyncStub, plate: str, procs: ProcessGroup
+) -> catalog_pb2.PlateProgress:
+    """Shows a live progress bar until the plate's report is registered."""
+    from tqdm import tqdm
+
+    bar: Any = None
+    last = catalog_pb2.PlateProgress()
+    stream = catalog.WatchPlateProgress(catalog_pb2.WatchPlateProgressRequest(plate=plate))
+    try:
+        async for message in stream:
+            procs.check_alive()
+            p = message.progress
+            last = p
+            if bar is None:
+                bar = tqdm(total=p.total, unit="site", file=sys.stderr, dynamic_ncols=True)
+            bar.total = p.total
+            bar.n = p.done + p.failed
+            bar.set_postfix_str(
+                f"waiting {p.waiting} ready {p.ready} queued {p.queued} running {p.running} "
+                f"done {p.done} failed {p.failed}"
+                + (f" report v{p.report_version}" if p.report_version else "")
+            )
+            bar.refresh()
+            if p.complete:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return last
+
+
+async def run_demo(options: DemoOptions) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    plate = options.plate or f"demo-{time.strftime('%H%M%S')}"
+    images_dir = options.run_dir / "microscope"
+    print(f"cellmesh demo: run folder {options.run_dir}", file=sys.stderr)
+    mesh = await start_mesh(options)
+    try:
+        print(
+            f"mesh up: catalog {mesh.catalog_addr}, reducer {mesh.reducer_addr}, {options.workers} worker(s) "
+            f"({options.mode}), S3 {mesh.s3.endpoint_url}, queues {mesh.topology.prefix}.*",
+            file=sys.stderr,
+        )
+        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+            catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            pipeline = await catalog.RegisterPipeline(
+                catalog_pb2.RegisterPipelineRequest(name="nuclei", content=NUCLEI_PIPELINE.read_bytes())
+            )
+            wells = microscope.plate_wells(options.rows, options.columns)
+            await catalog.CreatePlate(
+                catalog_pb2.CreatePlateRequest(
+                    name=plate,
+                    channels=list(synth.CHANNELS),
+                    layout=catalog_pb2.PlateLayout(
+                        rows=options.rows, columns=options.columns, sites_per_well=options.sites, first_site=0
+                    ),
+                    pipeline_sha256=pipeline.pipeline.ref.sha256,
+                    reduce_with_failures=True,
+                )
+            )
+            print(
+                f"plate {plate}: {len(wells)} wells x {options.sites} sites, channels DNA+GFP; generating images",
+                file=sys.stderr,
+            )
+            sites = await asyncio.to_thread(
+                microscope.generate_plate, images_dir, plate, wells, options.sites, options.size, options.seed
+            )
+            feeder = asyncio.create_task(
+                microscope.acquire(store, catalog, plate, sites, options.rate, options.seed)
+            )
+            progress = await follow(catalog, plate, mesh.procs)
+            await feeder
+            report = (await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate=plate))).report
+            out_dir = options.run_dir / "report"
+            fetched = await fetch_report(store, report, out_dir)
+            truth: dict[str, int] = {}
+            for s in sites:
+                truth[s.well] = truth.get(s.well, 0) + s.nuclei
+            counts = read_cells_per_well(fetched)
+            summary = summarize(
+                plate, progress, report, out_dir, fetched, truth, counts, time.perf_counter() - t_start
+            )
+            failed = await catalog.ListSites(
+                catalog_pb2.ListSitesRequest(plate=plate, states=[types_pb2.SITE_STATE_FAILED])
+            )
+            summary["failed_sites"] = [
+                f"{j.site.well}/s{j.site.site}: {types_pb2.FailureClass.Name(j.failure_class)}: {j.failure_reason}"
+                for j in failed.sites
+            ]
+        print_summary(summary)
+        return summary
+    finally:
+        print("stopping the mesh", file=sys.stderr)
+        await stop_mesh(mesh)
+
+
+async def fetch_report(store: ObjectStore, report: catalog_pb2.PlateReport, out_dir: Path) -> dict[str, Path]:
+    fetched = {}
+    for f in report.files:
+        path = out_dir / f.name
+        await store.get_file(f.object.key, path, f.object.sha256)
+        fetched[f.name] = path
+    return fetched
+
+
+def read_cells_per_well(files: dict[str, Path]) -> dict[str, int]:
+    """Objects per well from the report's per-well count table."""
+    for name, path in files.items():
+        if "per_well" in name and name.endswith(".csv"):
+            rows = list(csv.DictReader(io.StringIO(path.read_text())))
+            if not rows:
+                return {}
+            count_col = next(
+                (c for c in rows[0] if c.startswith("Count_") or c.endswith("_count") or c == "count"), None
+            )
+            if count_col is None:
+                continue
+            return {
+                r["Metadata_Well"]: int(float(r[count_col]))
+                for r in rows
+                if r.get(count_col) not in ("", None)
+            }
+    return {}
+
+
+def summarize(
+    plate: str,
+    progress: catalog_pb2.PlateProgress,
+    report: catalog_pb2.PlateReport,
+    out_dir: Path,
+    files: dict[str, Path],
+    truth: dict[str, int],
+    counts: dict[str, int],
+    wall: float,
+) -> dict[str, Any]:
+    matching = sum(1 for w, n in truth.items() if counts.get(w) == n)
+    heatmaps = [str(p) for n, p in files.items() if n.endswith(".png")]
+    return {
+        "plate": plate,
+        "sites_total": progress.total,
+        "sites_done": progress.done,
+        "sites_failed": progress.failed,
+        "report_version": report.version,
+        "report_dir": str(out_dir),
+        "heatmaps": heatmaps,
+        "tables": sorted(str(p) for n, p in files.items() if not n.endswith(".png")),
+        "report_keys": [f.object.key for f in report.files],
+        "wall_seconds": round(wall, 1),
+        "wells": len(truth),
+        "wells_matching_ground_truth": matching,
+        "ok": progress.done == progress.total and matching == len(truth),
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    lines = [
+        "",
+        f"plate {s['plate']}: {s['sites_done']}/{s['sites_total']} sites done, {s['sites_failed']} failed "
+        f"in {s['wall_seconds']} s (report v{s['report_version']})",
+        f"nuclei per well vs ground truth: {s['wells_matching_ground_truth']}/{s['wells']} wells match exactly",
+        f"heatmap: {', '.join(s['heatmaps']) or '(none)'}",
+        f"tables in: {s['report_dir']}",
+    ]
+    for failure in s.get("failed_sites", [])[:10]:
+        lines.append(f"  failed {failure}")
+    lines.append("OK" if s["ok"] else "NOT OK: see the logs in the run folder")
+    print("\n".join(lines))
