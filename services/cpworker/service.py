@@ -15,7 +15,7 @@ class WorkerStatusServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, consumer: SiteConsumer, mode: str, cp_version: str) -> None:
         self._consumer = consumer
         self._mode = mode
-        self._cp_version = cp_version
+        self.cp_version = cp_version
 
     async def GetWorkerStatus(
         self, request: worker_pb2.GetWorkerStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -42,6 +42,6 @@ class WorkerStatusServicer(worker_pb2_grpc.WorkerServiceServicer):
             sites_done=c.stats.sites_done,
             sites_failed=c.stats.sites_failed,
             duplicates_skipped=c.stats.duplicates_skipped,
-            cellprofiler_version=self._cp_version,
+            cellprofiler_version=self.cp_version,
             draining=c.draining,
         )

@@ -30,10 +30,16 @@ FC = types_pb2.FailureClass
 
 
 class RunResultLike(Protocol):
-    ok: bool
-    reason: str
-    seconds: float
-    cp_version: str
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def cp_version(self) -> str: ...
+    @property
+    def timed_out(self) -> bool: ...
 
 
 class SiteRunner(Protocol):
@@ -41,9 +47,15 @@ class SiteRunner(Protocol):
 
     mode: str
 
+    async def start(self) -> str:
+        """Brings CellProfiler up; returns its version."""
+        ...
+
     async def run_site(
         self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
     ) -> RunResultLike: ...
+
+    async def close(self) -> None: ...
 
 
 class OutputJudge(Protocol):
@@ -220,8 +232,7 @@ class SiteProcessor:
         phase.name = "running"
         result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
         if not result.ok:
-            timed_out = bool(getattr(result, "timed_out", False)) or "time limit" in result.reason
-            cls = FC.FAILURE_CLASS_TIMEOUT if timed_out else FC.FAILURE_CLASS_CP_PROBLEM
+            cls = FC.FAILURE_CLASS_TIMEOUT if result.timed_out else FC.FAILURE_CLASS_CP_PROBLEM
             return Failure(cls, result.reason or "CellProfiler failed")
         ok, why = await asyncio.to_thread(self.judge, out_dir, list(claim.expected_tables))
         if not ok:

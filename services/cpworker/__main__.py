@@ -1,0 +1,131 @@
+"""`python -m services.cpworker`: reads settings, wires, runs until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cellmesh.catalog.v1 import catalog_pb2_grpc
+from cellmesh.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from services.common import logs
+from services.common.amqp import AMQP_VARS, topology_from
+from services.common.s3 import ObjectStore
+from services.common.server import GrpcServer, Registration, stop_event_on_signals
+from services.common.settings import (
+    COMMON_VARS,
+    S3_VARS,
+    S3Settings,
+    Var,
+    load,
+    port,
+    positive_float,
+    positive_int,
+)
+from services.cpworker.consumer import SiteConsumer
+from services.cpworker.runner import ColdRunner, WarmRunner, judge_outputs
+from services.cpworker.service import WorkerStatusServicer
+from services.cpworker.site import PipelineCache, SiteProcessor, SiteRunner
+
+log = logging.getLogger("services.cpworker")
+
+
+def _mode(raw: str) -> str:
+    if raw not in ("warm", "cold"):
+        raise ValueError("warm (a long-lived CellProfiler per slot) or cold (one process per site)")
+    return raw
+
+
+VARS = (
+    *COMMON_VARS,
+    *AMQP_VARS,
+    *S3_VARS,
+    Var("GRPC_PORT", "50053", port),
+    Var("CATALOG_ADDR", "127.0.0.1:50051", help="host:port of the catalog"),
+    Var("CP_PYTHON", help="python of CellProfiler's environment (scripts/install_cellprofiler.sh prints it)"),
+    Var("CP_MODE", "warm", _mode),
+    Var("CP_SLOTS", "1", positive_int, "CellProfiler processes in this worker"),
+    Var("CP_RECYCLE_AFTER", "200", positive_int, "sites before a warm CellProfiler is replaced"),
+    Var("SITE_TIMEOUT_S", "600", positive_float, "time limit of one site"),
+    Var("TRANSIENT_BUDGET_S", "120", positive_float, "how long object store outages are retried in place"),
+    Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-worker")),
+    Var("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+)
+
+
+def make_runners(v: dict[str, Any]) -> list[SiteRunner]:
+    runners: list[SiteRunner] = []
+    for _ in range(v["CP_SLOTS"]):
+        if v["CP_MODE"] == "warm":
+            runners.append(WarmRunner(v["CP_PYTHON"], recycle_after=v["CP_RECYCLE_AFTER"]))
+        else:
+            runners.append(ColdRunner(v["CP_PYTHON"]))
+    return runners
+
+
+async def main(v: dict[str, Any]) -> None:
+    stop = stop_event_on_signals()
+    work = Path(v["WORK_DIR"])
+    runners = make_runners(v)
+    async with (
+        grpc.aio.insecure_channel(v["CATALOG_ADDR"]) as channel,
+        ObjectStore(S3Settings.from_env()) as store,
+    ):
+        consumer = SiteConsumer(
+            catalog_pb2_grpc.CatalogServiceStub(channel),
+            SiteProcessor(
+                store,
+                PipelineCache(store, work / "pipelines"),
+                judge_outputs,
+                v["WORKER_ID"],
+                work / "sites",
+                v["SITE_TIMEOUT_S"],
+                v["TRANSIENT_BUDGET_S"],
+            ),
+            runners,
+            v["AMQP_URL"],
+            topology_from(v),
+            v["WORKER_ID"],
+        )
+        servicer = WorkerStatusServicer(consumer, v["CP_MODE"], "")
+        server = GrpcServer(
+            [
+                Registration(
+                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+                    servicer,
+                    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+                )
+            ],
+            v["GRPC_HOST"],
+            v["GRPC_PORT"],
+            v["GRACE_SECONDS"],
+        )
+        await server.start()
+        try:
+            # Serving only once CellProfiler is up (warm: the JVM has started).
+            versions = [await r.start() for r in runners]
+            servicer.cp_version = versions[0] if versions else ""
+            log.info(
+                "CellProfiler %s ready in %s mode, %d slot(s)",
+                servicer.cp_version,
+                v["CP_MODE"],
+                len(runners),
+            )
+            await server.set_serving(True)
+            await consumer.run(stop, v["SITE_TIMEOUT_S"])
+        finally:
+            await server.stop()
+            for r in runners:
+                await r.close()
+
+
+if __name__ == "__main__":
+    values = load(VARS)
+    logs.configure(values["LOG_LEVEL"], "cpworker")
+    asyncio.run(main(values))
