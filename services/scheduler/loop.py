@@ -13,6 +13,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -194,6 +196,11 @@ class Scheduler:
                 len(claims),
                 failures[0],
             )
+        if confirmed and os.environ.get("CELLMESH_FAILPOINT") == "scheduler.after_publish":
+            # Fault injection for tests: die between the broker's confirm and
+            # the catalog's record, as a kill -9 at the worst moment would.
+            log.error("failpoint scheduler.after_publish: killing this process")
+            os.kill(os.getpid(), signal.SIGKILL)
         if confirmed:
             await self._mark_queued(confirmed)
             self.stats.sites_published += len(confirmed)
