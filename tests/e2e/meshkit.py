@@ -14,7 +14,9 @@ import pytest
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
+from services.common import synth
 from services.common.s3 import ObjectStore, sha256_bytes
+from services.mesh import microscope
 from services.mesh.demo import DemoOptions, Mesh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +89,35 @@ async def assert_nothing_lost(
 
 def catalog_stub(channel: grpc.aio.Channel) -> catalog_pb2_grpc.CatalogServiceAsyncStub:
     return catalog_pb2_grpc.CatalogServiceStub(channel)
+
+
+NUCLEI = REPO / "examples" / "pipelines" / "nuclei.cppipe"
+
+
+async def create_generated_plate(
+    catalog: catalog_pb2_grpc.CatalogServiceAsyncStub,
+    folder: Path,
+    plate: str,
+    rows: int,
+    columns: int,
+    sites: int,
+    pipeline: bytes | None = None,
+    size: int = 256,
+    seed: int = 0,
+) -> list[microscope.SiteImages]:
+    """Registers the pipeline (nuclei.cppipe by default), creates a plate with
+    its layout, and generates its images (not yet registered)."""
+    reply = await catalog.RegisterPipeline(
+        catalog_pb2.RegisterPipelineRequest(name="pipeline", content=pipeline or NUCLEI.read_bytes())
+    )
+    await catalog.CreatePlate(
+        catalog_pb2.CreatePlateRequest(
+            name=plate,
+            channels=list(synth.CHANNELS),
+            layout=catalog_pb2.PlateLayout(rows=rows, columns=columns, sites_per_well=sites),
+            pipeline_sha256=reply.pipeline.ref.sha256,
+            reduce_with_failures=True,
+        )
+    )
+    wells = microscope.plate_wells(rows, columns)
+    return await asyncio.to_thread(microscope.generate_plate, folder, plate, wells, sites, size, seed)
