@@ -48,6 +48,11 @@ class DemoOptions:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     shared_data: Path = field(default_factory=lambda: REPO.parent / "shared" / "data")
     plate: str = ""
+    # Tests put a proxy between the services and the S3 server: the server
+    # listens on s3_port, the services use service_s3_endpoint.
+    s3_port: int = 0
+    service_s3_endpoint: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,13 +84,13 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         )
     options.run_dir.mkdir(parents=True, exist_ok=True)
     procs = ProcessGroup(options.run_dir / "logs")
-    s3_port = free_port()
+    s3_port = options.s3_port or free_port()
     s3 = S3Settings(f"http://127.0.0.1:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
     topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}", retry_delays=(2, 10, 30))
     database_url = options.database_url or f"sqlite+aiosqlite:///{options.run_dir / 'catalog.db'}"
     env = {
         "LOG_LEVEL": "INFO",
-        "S3_ENDPOINT_URL": s3.endpoint_url or "",
+        "S3_ENDPOINT_URL": options.service_s3_endpoint or s3.endpoint_url or "",
         "S3_BUCKET": s3.bucket,
         "S3_REGION": s3.region,
         "AWS_ACCESS_KEY_ID": s3.access_key,
@@ -94,6 +99,7 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         "QUEUE_PREFIX": topology.prefix,
         "RETRY_DELAYS_S": ",".join(str(d) for d in topology.retry_delays),
         "GRPC_HOST": "127.0.0.1",
+        **options.extra_env,
     }
     mesh = Mesh(procs, "", "", s3, topology, env)
     try:
