@@ -1,0 +1,588 @@
+"""Running CellProfiler on one site, from the services' environment.
+
+CellProfiler 4.2 lives in its own environment (scripts/install_cellprofiler.sh)
+and is always driven as a child process, so a crash, a hang or a memory leak
+in it never takes the worker down:
+
+* :class:`WarmRunner` keeps one long-lived ``cp_child.py`` (JVM started once,
+  pipelines cached) and sends it site after site over JSON lines.
+* :class:`ColdRunner` starts ``python -m cellprofiler -c -r`` per site, the way
+  Distributed-CellProfiler does.
+
+Both write ``cellmesh_done.txt`` into the output folder, saying ``Complete``
+only when the run finished. :func:`judge_outputs` is the success rule: the
+done-file says ``Complete`` and the expected tables exist and are non-empty;
+an exit code alone is never trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import enum
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DONE_FILE_NAME = "cellmesh_done.txt"
+CHILD_SCRIPT = Path(__file__).with_name("cp_child.py")
+_TAIL_LINES = 40
+_RESPONSE_LIMIT = 4 * 1024 * 1024  # bytes in one JSON response line
+
+
+class Outcome(enum.StrEnum):
+    """Outcome classes of Distributed-CellProfiler's worker."""
+
+    SUCCESS = "SUCCESS"
+    INPUT_PROBLEM = "INPUT_PROBLEM"
+    DOWNLOAD_PROBLEM = "DOWNLOAD_PROBLEM"
+    CP_PROBLEM = "CP_PROBLEM"
+    OUTPUT_PROBLEM = "OUTPUT_PROBLEM"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What running CellProfiler on one site gave."""
+
+    ok: bool
+    reason: str
+    seconds: float
+    image_sets: int
+    cp_version: str
+    stderr_tail: str = ""
+    timed_out: bool = False
+    outcome: Outcome = Outcome.SUCCESS
+
+
+def judge_outputs(output_dir: Path, expected_tables: Iterable[str]) -> tuple[bool, str]:
+    """Did the run in ``output_dir`` succeed? (ok, reason why not).
+
+    Success means the done-file says ``Complete`` and every expected table
+    (e.g. ``Image.csv``) exists and is not empty.
+    """
+    done = Path(output_dir) / DONE_FILE_NAME
+    try:
+        status = done.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return False, f"no {DONE_FILE_NAME}: CellProfiler did not finish"
+    except OSError as exc:
+        return False, f"cannot read {DONE_FILE_NAME}: {exc}"
+    if status != "Complete":
+        return False, f"{DONE_FILE_NAME} says {status or 'nothing'!r}, not 'Complete'"
+    for table in expected_tables:
+        path = Path(output_dir) / table
+        if not path.is_file():
+            return False, f"expected table {table} is missing"
+        if path.stat().st_size == 0:
+            return False, f"expected table {table} is empty"
+    return True, ""
+
+
+def find_java_home() -> str | None:
+    """JAVA_HOME if set, else the machine's JDK 17 (what CellProfiler 4.2 runs on)."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    for candidate in sorted(glob.glob("/usr/lib/jvm/java-17-openjdk-*")):
+        if os.path.isfile(os.path.join(candidate, "bin", "java")):
+            return candidate
+    return None
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    java_home = find_java_home()
+    if java_home:
+        env["JAVA_HOME"] = java_home
+    # The services' own Python settings must not leak into CellProfiler's env.
+    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit unknown"
+    if code < 0:
+        try:
+            return f"exit {code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"exit {code}"
+    return f"exit {code}"
+
+
+@dataclass(frozen=True)
+class _Site:
+    pipeline: Path
+    files: list[Path]
+    output_dir: Path
+    problem: str  # why it cannot run, or ""
+
+
+def _prepare_site(pipeline: Path, files: list[Path], output_dir: Path) -> _Site:
+    """Absolute paths, an output folder without a stale done-file, missing inputs named."""
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / DONE_FILE_NAME).unlink(missing_ok=True)
+    missing = [str(p) for p in [pipeline, *files] if not p.exists()]
+    problem = "no input files" if not files else ""
+    if missing:
+        problem = f"input files missing: {', '.join(missing)}"
+    return _Site(pipeline.resolve(), [f.resolve() for f in files], output_dir, problem)
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the child's whole process group (it was started in its own session)."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
+class _ChildDied(Exception):
+    pass
+
+
+class WarmRunner:
+    """One warm CellProfiler process, reused site after site.
+
+    The child starts lazily on the first site (or on :meth:`start`). A time
+    limit or a crash kills it (whole process group); the next site starts a new
+    one. After ``recycle_after`` sites it is replaced, since a warm
+    CellProfiler's memory creeps. One site at a time.
+    """
+
+    mode = "warm"
+
+    def __init__(
+        self,
+        cp_python: Path | str,
+        *,
+        recycle_after: int = 200,
+        startup_timeout: float = 180.0,
+        log_level: str = "WARNING",
+        child_script: Path = CHILD_SCRIPT,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._cp_python = str(cp_python)
+        self._recycle_after = recycle_after
+        self._startup_timeout = startup_timeout
+        self._log_level = log_level
+        self._child_script = child_script
+        self._env = dict(env) if env else None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._sites_on_child = 0
+        self._doomed = False  # killed while a request was out; replace before reuse
+        self._next_id = 0
+        self._lock = asyncio.Lock()
+        self.cp_version = ""
+        self.children_started = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id, if one is running."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None and not self._doomed else None
+
+    async def start(self) -> str:
+        """Start the child now (not on the first site); returns CellProfiler's version.
+
+        Raises RuntimeError if CellProfiler does not come up.
+        """
+        async with self._lock:
+            try:
+                await self._ensure_child()
+            except _ChildDied as exc:
+                raise RuntimeError(f"CellProfiler process failed to start: {exc}") from exc
+        return self.cp_version
+
+    async def run_site(
+        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
+    ) -> RunResult:
+        async with self._lock:
+            return await self._run_site(pipeline, files, output_dir, timeout)
+
+    async def close(self) -> None:
+        """Ask the child to quit (it stops the JVM), killing it if it does not."""
+        async with self._lock:
+            await self._stop_child(graceful=True)
+
+    async def __aenter__(self) -> WarmRunner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run_site(
+        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
+    ) -> RunResult:
+        started = time.perf_counter()
+        site = await asyncio.to_thread(_prepare_site, pipeline, files, output_dir)
+        if site.problem:
+            return self._result(False, site.problem, started, outcome=Outcome.INPUT_PROBLEM)
+
+        if self._proc is not None and self._sites_on_child >= self._recycle_after:
+            log.info("recycling warm CellProfiler after %d sites", self._sites_on_child)
+            await self._stop_child(graceful=True)
+        try:
+            await self._ensure_child()
+        except (_ChildDied, OSError) as exc:
+            return self._result(
+                False,
+                f"CellProfiler process failed to start: {exc}",
+                started,
+                tail="\n".join(self._stderr_tail),
+                outcome=Outcome.CP_PROBLEM,
+            )
+
+        self._stderr_tail.clear()
+        self._next_id += 1
+        request = {
+            "op": "run",
+            "id": str(self._next_id),
+            "pipeline": str(site.pipeline),
+            "files": [str(f) for f in site.files],
+            "output_dir": str(site.output_dir),
+        }
+        try:
+            response = await asyncio.wait_for(self._request(request), timeout)
+        except TimeoutError:
+            log.warning("site over its time limit of %g s: killing warm CellProfiler", timeout)
+            tail = await self._fail_child()
+            return self._result(
+                False,
+                f"time limit of {timeout:g} s exceeded",
+                started,
+                tail=tail,
+                timed_out=True,
+                outcome=Outcome.CP_PROBLEM,
+            )
+        except _ChildDied as exc:
+            tail = await self._fail_child()
+            return self._result(
+                False,
+                f"CellProfiler process died: {exc}",
+                started,
+                tail=tail,
+                outcome=Outcome.CP_PROBLEM,
+            )
+        except asyncio.CancelledError:
+            # Its answer would be read as the next site's: this child is done for.
+            if self._proc is not None:
+                _kill_group(self._proc)
+                self._doomed = True
+            raise
+        self._sites_on_child += 1
+        ok = bool(response.get("ok"))
+        reason = "" if ok else str(response.get("error") or "CellProfiler run failed")
+        if ok:
+            # The child's word is not enough: its done-file must say so too.
+            ok, reason = await asyncio.to_thread(judge_outputs, site.output_dir, ())
+        tail = ""
+        if not ok:
+            await asyncio.sleep(0.05)  # let the child's last stderr lines arrive
+            tail = "\n".join(self._stderr_tail)
+        return RunResult(
+            ok=ok,
+            reason=reason,
+            seconds=time.perf_counter() - started,
+            image_sets=int(response.get("image_sets") or 0),
+            cp_version=str(response.get("cp_version") or self.cp_version),
+            stderr_tail=tail,
+            outcome=Outcome.SUCCESS if ok else Outcome.CP_PROBLEM,
+        )
+
+    def _result(
+        self,
+        ok: bool,
+        reason: str,
+        started: float,
+        *,
+        tail: str = "",
+        timed_out: bool = False,
+        outcome: Outcome,
+    ) -> RunResult:
+        return RunResult(
+            ok=ok,
+            reason=reason,
+            seconds=time.perf_counter() - started,
+            image_sets=0,
+            cp_version=self.cp_version,
+            stderr_tail=tail,
+            timed_out=timed_out,
+            outcome=outcome,
+        )
+
+    async def _ensure_child(self) -> None:
+        if self._proc is not None and self._proc.returncode is None and not self._doomed:
+            return
+        if self._proc is not None:  # died or was killed since the last site
+            await self._fail_child()
+        started = time.perf_counter()
+        self._proc = await asyncio.create_subprocess_exec(
+            self._cp_python,
+            str(self._child_script),
+            "--log-level",
+            self._log_level,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=child_environment(self._env),
+            start_new_session=True,
+            limit=_RESPONSE_LIMIT,
+        )
+        self.children_started += 1
+        self._sites_on_child = 0
+        self._stderr_tail.clear()
+        assert self._proc.stderr is not None
+        self._stderr_task = asyncio.create_task(self._pump_stderr(self._proc.stderr, self._proc.pid))
+        # The child answers only once CellProfiler is imported and the JVM is up.
+        try:
+            pong = await asyncio.wait_for(self._request({"op": "ping", "id": "start"}), self._startup_timeout)
+        except TimeoutError:
+            tail = await self._fail_child()
+            raise _ChildDied(f"no answer within {self._startup_timeout:g} s; {tail[-500:]}") from None
+        except _ChildDied as exc:
+            tail = await self._fail_child()
+            raise _ChildDied(f"{exc}; {tail[-500:]}") from None
+        self.cp_version = str(pong.get("cp_version") or "")
+        log.info(
+            "warm CellProfiler %s started in %.1f s (pid %d)",
+            self.cp_version,
+            time.perf_counter() - started,
+            self._proc.pid,
+        )
+
+    async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write((json.dumps(message) + "\n").encode())
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise _ChildDied(f"{_describe_exit(await self._exit_code())} ({exc})") from exc
+        line = await proc.stdout.readline()
+        if not line:
+            raise _ChildDied(_describe_exit(await self._exit_code()))
+        try:
+            response = json.loads(line)
+        except ValueError as exc:
+            raise _ChildDied(f"protocol error, unreadable response {line[:200]!r}") from exc
+        if not isinstance(response, dict) or response.get("id") != message.get("id"):
+            raise _ChildDied(f"protocol error, unexpected response {line[:200]!r}")
+        return response
+
+    async def _exit_code(self) -> int | None:
+        assert self._proc is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._proc.wait(), 5.0)
+        return self._proc.returncode
+
+    async def _pump_stderr(self, stream: asyncio.StreamReader, pid: int) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the limit
+                raw = await stream.read(_RESPONSE_LIMIT)
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self._stderr_tail.append(line)
+            log.debug("cp_child[%d] %s", pid, line)
+
+    async def _fail_child(self) -> str:
+        """Kill the child (if alive), reap it and return its last stderr lines."""
+        proc, self._proc = self._proc, None
+        self._doomed = False
+        if proc is not None:
+            _kill_group(proc)
+            await proc.wait()
+        if self._stderr_task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._stderr_task, 2.0)
+            self._stderr_task = None
+        return "\n".join(self._stderr_tail)
+
+    async def _stop_child(self, graceful: bool) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if graceful and proc.returncode is None:
+            try:
+                await asyncio.wait_for(self._request({"op": "quit", "id": "quit"}), 10.0)
+                await asyncio.wait_for(proc.wait(), 20.0)
+            except (TimeoutError, _ChildDied) as exc:
+                log.warning("warm CellProfiler did not quit cleanly (%s): killing it", exc)
+        await self._fail_child()
+
+
+class ColdRunner:
+    """One ``cellprofiler -c -r`` process per site, the Distributed-CellProfiler way."""
+
+    mode = "cold"
+
+    def __init__(
+        self,
+        cp_python: Path | str,
+        *,
+        log_level: str = "WARNING",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._cp_python = str(cp_python)
+        self._log_level = log_level
+        self._env = dict(env) if env else None
+        self.cp_version = ""
+
+    async def start(self) -> str:
+        """Check the environment answers; returns CellProfiler's version."""
+        if not self.cp_version:
+            proc = await asyncio.create_subprocess_exec(
+                self._cp_python,
+                "-c",
+                "import importlib.metadata as m; print(m.version('cellprofiler'))",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=child_environment(self._env),
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"no CellProfiler in {self._cp_python}: {out.decode(errors='replace')}")
+            self.cp_version = out.decode().strip()
+        return self.cp_version
+
+    async def close(self) -> None:
+        """Nothing stays running between sites."""
+
+    def command(self, pipeline: Path, file_list: Path, output_dir: Path, input_dir: Path) -> list[str]:
+        return [
+            self._cp_python, "-m", "cellprofiler",
+            "-c", "-r",
+            "-p", str(pipeline),
+            "--file-list", str(file_list),
+            "-i", str(input_dir),
+            "-o", str(output_dir),
+            "-d", str(output_dir / DONE_FILE_NAME),
+            "-L", self._log_level,
+        ]  # fmt: skip
+
+    async def run_site(
+        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
+    ) -> RunResult:
+        started = time.perf_counter()
+        try:
+            version = await self.start()
+        except (RuntimeError, OSError) as exc:
+            return RunResult(
+                False, str(exc), time.perf_counter() - started, 0, "", outcome=Outcome.CP_PROBLEM
+            )
+        site = await asyncio.to_thread(_prepare_site, pipeline, files, output_dir)
+        if site.problem:
+            return RunResult(
+                False, site.problem, time.perf_counter() - started, 0, version, outcome=Outcome.INPUT_PROBLEM
+            )
+
+        scratch = await asyncio.to_thread(_write_file_list, site.files)
+        try:
+            input_dir = Path(os.path.commonpath([f.parent for f in site.files]))
+            proc = await asyncio.create_subprocess_exec(
+                *self.command(site.pipeline, scratch / "file_list.txt", site.output_dir, input_dir),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=child_environment(self._env),
+                start_new_session=True,
+                cwd=scratch,
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+            except TimeoutError:
+                _kill_group(proc)
+                out, _ = await proc.communicate()
+                return RunResult(
+                    False,
+                    f"time limit of {timeout:g} s exceeded",
+                    time.perf_counter() - started,
+                    0,
+                    version,
+                    _tail(out),
+                    timed_out=True,
+                    outcome=Outcome.CP_PROBLEM,
+                )
+            finally:
+                _kill_group(proc)  # anything it left behind in its group
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+        code = proc.returncode
+        ok, reason, image_sets = await asyncio.to_thread(_judge_cold_run, site.output_dir, code)
+        error = _last_error(out)
+        if not ok and error:
+            reason = f"{reason}: {error}"
+        return RunResult(
+            ok=ok,
+            reason=reason,
+            seconds=time.perf_counter() - started,
+            image_sets=image_sets,
+            cp_version=version,
+            stderr_tail="" if ok else _tail(out),
+            outcome=Outcome.SUCCESS if ok else Outcome.CP_PROBLEM,
+        )
+
+
+def _write_file_list(files: list[Path]) -> Path:
+    """A scratch folder holding file_list.txt, one path per line (--file-list)."""
+    scratch = Path(tempfile.mkdtemp(prefix="cellmesh-cold-"))
+    (scratch / "file_list.txt").write_text("".join(f"{f}\n" for f in files), encoding="utf-8")
+    return scratch
+
+
+def _judge_cold_run(output_dir: Path, code: int | None) -> tuple[bool, str, int]:
+    """The done-file says Complete only if CellProfiler also exited 0."""
+    done = output_dir / DONE_FILE_NAME
+    if code != 0 and done.exists() and done.read_text(encoding="utf-8").strip() == "Complete":
+        done.write_text(f"Failure ({_describe_exit(code)})\n", encoding="utf-8")
+    ok, reason = judge_outputs(output_dir, ())
+    if code != 0:
+        ok, reason = False, f"CellProfiler {_describe_exit(code)}" + (f"; {reason}" if reason else "")
+    return ok, reason, _count_image_rows(output_dir)
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): .+")
+
+
+def _last_error(output: bytes) -> str:
+    """The last ``SomeError: message`` line CellProfiler printed, if any."""
+    for line in reversed(output.decode(errors="replace").splitlines()):
+        if _ERROR_LINE.match(line.strip()):
+            return line.strip()
+    return ""
+
+
+def _tail(output: bytes, lines: int = _TAIL_LINES) -> str:
+    return "\n".join(output.decode(errors="replace").splitlines()[-lines:])
+
+
+def _count_image_rows(output_dir: Path) -> int:
+    """Image sets the cold run exported: data rows of its Image table, if it has one."""
+    for path in sorted(output_dir.glob("*Image.csv")):
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            return max(0, sum(1 for _ in csv.reader(fh)) - 1)
+    return 0
