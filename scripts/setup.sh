@@ -16,12 +16,12 @@ import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
 # The services' environment, rebuilt when its requirements change.
-stamp_key=$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -c1-16)
+stamp_key=$(cat pyproject.toml clients/python/pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.cellmesh-stamp 2>/dev/null)" != "$stamp_key" ]; then
   say "installing the services' environment in .venv"
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip >&2
-  .venv/bin/python -m pip install -q -e clients/python -e '.[dev]' >&2
+  .venv/bin/python -m pip install -q -c requirements.lock -e clients/python -e '.[dev]' >&2
   echo "$stamp_key" > .venv/.cellmesh-stamp
 else
   say "services' environment is up to date"
