@@ -911,7 +911,11 @@ class SiteClaim(_message.Message):
 
     @_builtins.property
     def expected_tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The object tables the pipeline must produce."""
+        """The object tables the pipeline must produce, as the paths of their files
+        in CellProfiler's output folder (ExportToSpreadsheet's file names with
+        its prefix and extension, e.g. "Image.csv", "Nuclei.csv"); Pipeline.tables
+        has the same tables by name.
+        """
 
     def __init__(
         self,
