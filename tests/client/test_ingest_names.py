@@ -32,7 +32,7 @@ def test_wells_are_row_letters_and_two_digit_columns() -> None:
     assert well_name("AF", "48") == "AF48"
     assert normalize_well("D3") == "D03"
     assert normalize_well("d003") == "D03"
-    for bad in ("3D", "A", "A0", "ABC1"):
+    for bad in ("3D", "A", "A0", "ABC1", "AG01", "ZZ01", "A49"):
         with pytest.raises(ValueError):
             normalize_well(bad)
 

@@ -64,11 +64,11 @@ def well_name(row: str, column: str | int) -> str:
     """The catalog's well name: row letter(s) in upper case, then the column
     zero-padded to two digits (`("a", "1")` -> `"A01"`)."""
     row = row.strip().upper()
-    if not re.fullmatch(r"[A-Z]{1,2}", row):
-        raise ValueError(f"well row {row!r} is not one or two letters")
+    if not re.fullmatch(r"[A-Z]|A[A-F]", row):
+        raise ValueError(f"well row {row!r} is not A to Z or AA to AF (plates have at most 32 rows)")
     text = str(column).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"well column {text!r} is not a positive number")
+    if not text.isdigit() or not 1 <= int(text) <= 48:
+        raise ValueError(f"well column {text!r} is not 1 to 48")
     return f"{row}{int(text):02d}"
 
 
@@ -191,6 +191,8 @@ class FileNameParser:
         m = self.regex.search(file_name)
         if m is None:
             return "does not match the pattern"
+        if any(ord(c) < 32 for c in file_name):
+            return "the file name contains control characters"
         values = m.groupdict()
         plate = values.get("Plate") or self.plate
         if not plate:
