@@ -320,7 +320,14 @@ async def cmd_follow(client: CellmeshClient, args: argparse.Namespace, out: Text
             file=sys.stderr,
         )
     bar_shown = sys.stderr.isatty() and not args.quiet
-    bar = tqdm(total=0, unit="site", file=sys.stderr, disable=not bar_shown, desc=plate.name)
+    bar = tqdm(
+        total=0,
+        unit="site",
+        file=sys.stderr,
+        disable=not bar_shown,
+        desc=plate.name,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} settled [{elapsed}] {postfix}",
+    )
     last: catalog_pb2.PlateProgress | None = None
     try:
         async for p in client.watch(plate.name, args.pipeline or ""):
