@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +271,48 @@ def test_reduce(mesh: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(mesh, capsys, "reduce", "P1", "--feature", "Intensity_MeanIntensity_GFP")
     assert code == 0 and out.startswith("report v1 of plate P1")
     assert list(mesh.reducer.calls[0].heatmap_features) == ["Intensity_MeanIntensity_GFP"]
+
+
+def test_ingest_watch_stops_on_interrupt_with_a_summary(
+    mesh: ServerThread, s3_env: ObjectStoreConfig, shared_data: Path, tmp_path: Path
+) -> None:
+    mesh.catalog.add_plate("sbs", ["GFP", "DNA"])
+    folder = tmp_path / "microscope"
+    folder.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cellmesh.cli",
+            "--catalog",
+            mesh.address,
+            "ingest",
+            str(folder),
+            "--plate",
+            "sbs",
+        ]
+        + ["--pattern", BBBC013, "--channel-map", "1=GFP,2=DNA", "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        source = shared_data / "bbbc013_translocation_plate" / "images"
+        for name in ("Channel1-01-A-01.tif", "Channel2-01-A-01.tif"):
+            (folder / name).write_bytes((source / name).read_bytes())
+        deadline = time.monotonic() + 30
+        while len(mesh.catalog.images) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(mesh.catalog.images) == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert re.search(
+        r"^\d uploaded, \d registered, \d sites ready, 0 unmatched, \d not ready yet$", out, re.M
+    )
+    assert "uploaded            2 (" in out
+    assert "sites made ready    1" in out.splitlines()
