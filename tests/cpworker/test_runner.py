@@ -1,0 +1,258 @@
+"""The CellProfiler runners against the real CellProfiler 4.2.8.1.
+
+CellProfiler comes from CP_PYTHON, or else from scripts/install_cellprofiler.sh
+(a few seconds when its environment is cached, ~13 minutes to build it). A
+machine where it cannot be had fails these tests; nothing is skipped.
+
+Real data: ExampleHuman from ../shared/data (beside the clone). Generated data:
+services/common/synth.py sites with a known number of nuclei.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.common import synth
+from services.cpworker.runner import (
+    DONE_FILE_NAME,
+    ColdRunner,
+    Outcome,
+    RunResult,
+    WarmRunner,
+    judge_outputs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("CELLMESH_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
+EXAMPLE_HUMAN = SHARED_DATA / "example_human"
+NUCLEI_PIPELINE = REPO / "examples" / "pipelines" / "nuclei.cppipe"
+SITE_TIMEOUT = 120.0
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def cp_python() -> Path:
+    if os.environ.get("CP_PYTHON"):
+        path = Path(os.environ["CP_PYTHON"])
+        if not path.exists():
+            pytest.fail(f"CP_PYTHON={path} does not exist")
+        return path
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install_cellprofiler.sh")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        pytest.fail(
+            "CellProfiler is needed: scripts/install_cellprofiler.sh failed "
+            f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def warm(cp_python: Path) -> AsyncIterator[WarmRunner]:
+    runner = WarmRunner(cp_python)
+    await runner.start()
+    yield runner
+    await runner.close()
+
+
+@pytest.fixture(scope="module")
+def cold(cp_python: Path) -> ColdRunner:
+    return ColdRunner(cp_python)
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def count_nuclei(output_dir: Path) -> int:
+    (row,) = read_table(output_dir / "Image.csv")
+    return int(float(row["Count_Nuclei"]))
+
+
+def assert_ok(
+    result: RunResult, output_dir: Path, tables: tuple[str, ...] = ("Image.csv", "Nuclei.csv")
+) -> None:
+    assert result.ok, f"{result.reason}\n{result.stderr_tail}"
+    assert result.outcome is Outcome.SUCCESS
+    assert result.cp_version == "4.2.8.1"
+    ok, why = judge_outputs(output_dir, tables)
+    assert ok, why
+
+
+def example_human_files() -> list[Path]:
+    files = sorted((EXAMPLE_HUMAN / "images").glob("*.tif"))
+    assert len(files) == 3, f"ExampleHuman images not found under {EXAMPLE_HUMAN}"
+    return files
+
+
+def site_files(paths: dict[str, Path]) -> list[Path]:
+    return [paths[c] for c in synth.CHANNELS]
+
+
+async def test_example_human_counts_289_nuclei_warm_and_cold(
+    warm: WarmRunner, cold: ColdRunner, tmp_path: Path
+) -> None:
+    pipeline = EXAMPLE_HUMAN / "ExampleHuman.cppipe"
+    for runner in (warm, cold):
+        out = tmp_path / runner.mode
+        result = await runner.run_site(pipeline, example_human_files(), out, SITE_TIMEOUT)
+        assert_ok(result, out)
+        assert result.image_sets == 1
+        (row,) = read_table(out / "Image.csv")
+        assert int(float(row["Count_Nuclei"])) == 289, runner.mode
+        assert int(float(row["Count_PH3"])) == 22, runner.mode
+        assert (out / DONE_FILE_NAME).read_text().strip() == "Complete"
+
+
+async def test_warm_and_cold_give_identical_nuclei_measurements(
+    warm: WarmRunner, cold: ColdRunner, tmp_path: Path
+) -> None:
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "C07", 1, 23))
+    tables = {}
+    for runner in (warm, cold):
+        out = tmp_path / runner.mode
+        result = await runner.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+        assert_ok(result, out)
+        tables[runner.mode] = read_table(out / "Nuclei.csv")
+    assert len(tables["warm"]) == 23
+    assert tables["warm"][0].keys() == tables["cold"][0].keys()
+    assert len(tables["warm"][0]) > 50  # intensity, size and shape features
+    assert tables["warm"] == tables["cold"]
+
+
+async def test_generated_sites_count_what_was_drawn(warm: WarmRunner, tmp_path: Path) -> None:
+    # 12 sites across the plate: counts from the low to the high end.
+    sites = [(w, s) for w in ("A01", "A12", "D06", "E09", "H01", "H12") for s in (1, 2)]
+    drawn = [synth.nuclei_for(w, s) for w, s in sites]
+    assert min(drawn) <= 8 and max(drawn) >= 35 and len(set(drawn)) >= 8
+    for (well, site), nuclei in zip(sites, drawn, strict=True):
+        files = site_files(synth.write_site(tmp_path / "in", "P1", well, site))
+        out = tmp_path / f"{well}_s{site}"
+        result = await warm.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+        assert_ok(result, out)
+        assert count_nuclei(out) == nuclei, f"{well} s{site}"
+        assert len(read_table(out / "Nuclei.csv")) == nuclei
+
+
+async def test_time_limit_kills_the_run_and_the_warm_runner_goes_on(warm: WarmRunner, tmp_path: Path) -> None:
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "B02", 1, 12))
+    # A run that takes far longer than its limit: a 4096 x 4096 site.
+    big = synth.make_site(40, size=4096, seed=1)
+    slow = [tmp_path / "big" / f"P1_B02_s9_{c}.tif" for c in synth.CHANNELS]
+    slow[0].parent.mkdir()
+    import tifffile
+
+    for path, channel in zip(slow, synth.CHANNELS, strict=True):
+        tifffile.imwrite(path, big[channel])
+    pid_before = warm.pid
+    result = await warm.run_site(NUCLEI_PIPELINE, slow, tmp_path / "slow", timeout=0.5)
+    assert not result.ok
+    assert result.timed_out
+    assert result.reason == "time limit of 0.5 s exceeded"
+    assert warm.pid is None  # the child was killed
+    assert pid_before is not None and not _alive(pid_before)
+    assert not judge_outputs(tmp_path / "slow", ())[0]
+
+    out = tmp_path / "next"
+    result = await warm.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+    assert_ok(result, out)
+    assert count_nuclei(out) == 12
+
+
+async def test_killed_child_is_reported_and_replaced(warm: WarmRunner, tmp_path: Path) -> None:
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "B03", 1, 15))
+    await warm.start()
+    pid = warm.pid
+    assert pid is not None
+    run = asyncio.create_task(warm.run_site(NUCLEI_PIPELINE, files, tmp_path / "killed", SITE_TIMEOUT))
+    await asyncio.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    result = await run
+    assert not result.ok
+    assert result.reason.startswith("CellProfiler process died: exit -9 (SIGKILL)"), result.reason
+
+    out = tmp_path / "after"
+    result = await warm.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+    assert_ok(result, out)
+    assert warm.pid not in (None, pid)
+    assert count_nuclei(out) == 15
+
+
+async def test_cancelled_run_does_not_leak_into_the_next(warm: WarmRunner, tmp_path: Path) -> None:
+    # A worker draining on SIGTERM cancels its site; the child's late answer
+    # must not be taken for the next site's.
+    first = site_files(synth.write_site(tmp_path / "in", "P1", "B04", 1, 30))
+    second = site_files(synth.write_site(tmp_path / "in", "P1", "B05", 1, 9))
+    await warm.start()
+    run = asyncio.create_task(warm.run_site(NUCLEI_PIPELINE, first, tmp_path / "cancelled", SITE_TIMEOUT))
+    await asyncio.sleep(0.1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    out = tmp_path / "next"
+    result = await warm.run_site(NUCLEI_PIPELINE, second, out, SITE_TIMEOUT)
+    assert_ok(result, out)
+    assert count_nuclei(out) == 9
+
+
+async def test_corrupt_tiff_fails_with_a_reason(warm: WarmRunner, cold: ColdRunner, tmp_path: Path) -> None:
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "D04", 1, 10))
+    # Keep a valid TIFF header, then garbage: a truncated upload looks like this.
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[:8] + os.urandom(4000))
+    for runner in (warm, cold):
+        out = tmp_path / runner.mode
+        result = await runner.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+        assert not result.ok, runner.mode
+        assert result.reason, runner.mode
+        assert result.outcome is Outcome.CP_PROBLEM
+        ok, why = judge_outputs(out, ("Image.csv",))
+        assert not ok and why
+    # The warm process survived the bad input.
+    out = tmp_path / "good"
+    good = site_files(synth.write_site(tmp_path / "in2", "P1", "D04", 2, 11))
+    result = await warm.run_site(NUCLEI_PIPELINE, good, out, SITE_TIMEOUT)
+    assert_ok(result, out)
+
+
+async def test_missing_input_is_an_input_problem(warm: WarmRunner, tmp_path: Path) -> None:
+    result = await warm.run_site(NUCLEI_PIPELINE, [tmp_path / "nope_DNA.tif"], tmp_path / "out", 10)
+    assert not result.ok
+    assert result.outcome is Outcome.INPUT_PROBLEM
+    assert "nope_DNA.tif" in result.reason
+
+
+async def test_judge_outputs_needs_complete_and_tables(tmp_path: Path) -> None:
+    assert judge_outputs(tmp_path, ()) == (False, f"no {DONE_FILE_NAME}: CellProfiler did not finish")
+    (tmp_path / DONE_FILE_NAME).write_text("Failure\n")
+    assert not judge_outputs(tmp_path, ())[0]
+    (tmp_path / DONE_FILE_NAME).write_text("Complete\n")
+    assert judge_outputs(tmp_path, ()) == (True, "")
+    assert judge_outputs(tmp_path, ("Image.csv",)) == (False, "expected table Image.csv is missing")
+    (tmp_path / "Image.csv").write_text("")
+    assert judge_outputs(tmp_path, ("Image.csv",)) == (False, "expected table Image.csv is empty")
+    (tmp_path / "Image.csv").write_text("ImageNumber\n1\n")
+    assert judge_outputs(tmp_path, ("Image.csv",)) == (True, "")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
