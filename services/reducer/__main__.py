@@ -1,0 +1,70 @@
+"""`python -m services.reducer`: reads settings, wires, runs until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cellmesh.catalog.v1 import catalog_pb2_grpc
+from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
+
+from services.common import logs
+from services.common.amqp import AMQP_VARS, topology_from
+from services.common.s3 import ObjectStore
+from services.common.server import GrpcServer, Registration, stop_event_on_signals
+from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port
+from services.reducer.consumer import ReduceConsumer
+from services.reducer.service import Reducer, ReducerServicer
+
+log = logging.getLogger("services.reducer")
+
+VARS = (
+    *COMMON_VARS,
+    *AMQP_VARS,
+    *S3_VARS,
+    Var("GRPC_PORT", "50054", port),
+    Var("CATALOG_ADDR", "127.0.0.1:50051", help="host:port of the catalog"),
+    Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-reducer")),
+    Var("REDUCER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+)
+
+
+async def main(v: dict[str, Any]) -> None:
+    stop = stop_event_on_signals()
+    async with (
+        grpc.aio.insecure_channel(v["CATALOG_ADDR"]) as channel,
+        ObjectStore(S3Settings.from_env()) as store,
+    ):
+        reducer = Reducer(catalog_pb2_grpc.CatalogServiceStub(channel), store, Path(v["WORK_DIR"]))
+        server = GrpcServer(
+            [
+                Registration(
+                    reducer_pb2_grpc.add_ReducerServiceServicer_to_server,
+                    ReducerServicer(reducer),
+                    reducer_pb2.DESCRIPTOR.services_by_name["ReducerService"].full_name,
+                )
+            ],
+            v["GRPC_HOST"],
+            v["GRPC_PORT"],
+            v["GRACE_SECONDS"],
+        )
+        await server.start()
+        consumer = ReduceConsumer(reducer.reduce_run, v["AMQP_URL"], topology_from(v), v["REDUCER_ID"])
+        try:
+            await store.ensure_bucket()
+            await server.set_serving(True)
+            await consumer.run(stop)
+        finally:
+            await server.stop()
+
+
+if __name__ == "__main__":
+    values = load(VARS)
+    logs.configure(values["LOG_LEVEL"], "reducer")
+    asyncio.run(main(values))
