@@ -81,7 +81,7 @@ async def test_example_human_site_through_the_mesh(tmp_path: Path, shared_data: 
                     name="AS_09125",
                     channels=["DNA", "PH3", "cellbody"],
                     pipeline_sha256=pipeline.pipeline.ref.sha256,
-                    layout=catalog_pb2.PlateLayout(wells=["D03"], sites_per_well=1),
+                    layout=catalog_pb2.PlateLayout(wells=["D03"], rows=8, columns=12, sites_per_well=1),
                 )
             )
             regs = []
@@ -105,6 +105,6 @@ async def test_example_human_site_through_the_mesh(tmp_path: Path, shared_data: 
             assert job.provenance.cellprofiler_version.startswith("4.2.8")
             image_csv = next(r for r in job.results if r.name.endswith("Image.csv"))
             rows = list(csv.DictReader(io.StringIO((await store.get_bytes(image_csv.object.key)).decode())))
-            assert int(rows[0]["Count_Cells"]) == 289
+            assert float(rows[0]["Count_Cells"]) == 289
     finally:
         await stop_mesh(mesh)
