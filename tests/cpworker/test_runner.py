@@ -230,6 +230,20 @@ async def test_corrupt_tiff_fails_with_a_reason(warm: WarmRunner, cold: ColdRunn
     assert_ok(result, out)
 
 
+async def test_warm_child_is_recycled_after_n_sites(cp_python: Path, tmp_path: Path) -> None:
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "E05", 1, 14))
+    async with WarmRunner(cp_python, recycle_after=2) as runner:
+        pids = []
+        for i in range(3):
+            out = tmp_path / str(i)
+            result = await runner.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+            assert_ok(result, out)
+            pids.append(runner.pid)
+        assert runner.children_started == 2
+        assert pids[0] == pids[1] != pids[2]
+    assert runner.pid is None
+
+
 async def test_missing_input_is_an_input_problem(warm: WarmRunner, tmp_path: Path) -> None:
     result = await warm.run_site(NUCLEI_PIPELINE, [tmp_path / "nope_DNA.tif"], tmp_path / "out", 10)
     assert not result.ok
