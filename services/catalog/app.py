@@ -1,0 +1,148 @@
+"""The catalog service: settings, wiring and the serve/stop sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from cellmesh.catalog.v1 import catalog_pb2_grpc
+
+from services.catalog import migrate
+from services.catalog.servicer import SERVICE_NAME, CatalogServicer
+from services.catalog.store import CatalogStore
+from services.common.s3 import ObjectStore, ObjectStoreError
+from services.common.server import GrpcServer, Registration, stop_event_on_signals
+from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port, positive_int
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/catalog.db"
+HEALTH_INTERVAL_S = 10.0
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0")
+
+
+DATABASE_VARS = (
+    Var("DATABASE_URL", DEFAULT_DATABASE_URL, help="e.g. mysql+asyncmy://user:pass@host:3306/cellmesh"),
+    Var("LOG_LEVEL", "INFO"),
+)
+CATALOG_VARS = (
+    *COMMON_VARS,
+    *S3_VARS,
+    Var("DATABASE_URL", DEFAULT_DATABASE_URL, help="e.g. mysql+asyncmy://user:pass@host:3306/cellmesh"),
+    Var("GRPC_PORT", "50051", port),
+    Var("MAX_ATTEMPTS", "3", positive_int, "CellProfiler attempts per site before it fails for good"),
+    Var("CATALOG_MIGRATE_ON_START", "1", _flag, "1 to upgrade the database schema before serving"),
+)
+
+
+@dataclass(frozen=True)
+class CatalogSettings:
+    database_url: str
+    s3: S3Settings
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    log_level: str = "INFO"
+    grace_seconds: float = 20.0
+    max_attempts: int = 3
+    migrate_on_start: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CatalogSettings:
+        v = load(CATALOG_VARS, env)
+        return cls(
+            database_url=v["DATABASE_URL"],
+            s3=S3Settings(
+                endpoint_url=v["S3_ENDPOINT_URL"] or None,
+                bucket=v["S3_BUCKET"],
+                region=v["S3_REGION"],
+                access_key=v["AWS_ACCESS_KEY_ID"],
+                secret_key=v["AWS_SECRET_ACCESS_KEY"],
+            ),
+            grpc_host=v["GRPC_HOST"],
+            grpc_port=v["GRPC_PORT"],
+            log_level=v["LOG_LEVEL"],
+            grace_seconds=v["GRACE_SECONDS"],
+            max_attempts=v["MAX_ATTEMPTS"],
+            migrate_on_start=v["CATALOG_MIGRATE_ON_START"],
+        )
+
+
+async def serve(
+    settings: CatalogSettings, stop: asyncio.Event, on_started: Callable[[int], None] | None = None
+) -> None:
+    """Runs the catalog until `stop` is set, then drains and closes."""
+    if settings.migrate_on_start:
+        await migrate.upgrade(settings.database_url)
+    store = CatalogStore.connect(settings.database_url, settings.max_attempts)
+    try:
+        async with ObjectStore(settings.s3) as objects:
+            servicer = CatalogServicer(store, objects)
+            server = GrpcServer(
+                [Registration(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, servicer, SERVICE_NAME)],
+                host=settings.grpc_host,
+                port=settings.grpc_port,
+                grace_seconds=settings.grace_seconds,
+            )
+            bound = await server.start()
+            if on_started is not None:
+                on_started(bound)
+            health = asyncio.create_task(watch_dependencies(server, store, objects, stop))
+            try:
+                await stop.wait()
+                log.info("stopping: draining in-flight calls")
+                servicer.close()
+                await server.stop()
+            finally:
+                health.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await health
+    finally:
+        await store.close()
+
+
+async def watch_dependencies(
+    server: GrpcServer, store: CatalogStore, objects: ObjectStore, stop: asyncio.Event
+) -> None:
+    """Health is SERVING while the database and the object store answer."""
+    serving: bool | None = None
+    bucket_ready = False
+    while not stop.is_set():
+        problem = ""
+        try:
+            await store.ping()
+        except Exception as exc:
+            problem = f"database: {exc}"
+        if not problem:
+            try:
+                if not bucket_ready:
+                    await objects.ensure_bucket()
+                    bucket_ready = True
+                else:
+                    await objects.ping()
+            except ObjectStoreError as exc:
+                problem = f"object store: {exc}"
+        ok = not problem
+        if ok != serving:
+            await server.set_serving(ok)
+            if ok:
+                log.info("database and object store answer: SERVING")
+            else:
+                log.warning("NOT_SERVING: %s", problem)
+            serving = ok
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), HEALTH_INTERVAL_S if ok else 1.0)
+
+
+async def main(settings: CatalogSettings) -> None:
+    await serve(settings, stop_event_on_signals())

@@ -1,0 +1,261 @@
+"""The catalog's domain: errors, states and the plain values the store takes
+and returns. Nothing here knows about protobuf or SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
+
+
+class CatalogError(Exception):
+    """Base of the errors a caller can act on; the message says what to fix."""
+
+
+class NotFound(CatalogError):
+    pass
+
+
+class AlreadyExists(CatalogError):
+    pass
+
+
+class InvalidArgument(CatalogError):
+    pass
+
+
+class FailedPrecondition(CatalogError):
+    pass
+
+
+class Unavailable(CatalogError):
+    """The database does not answer; the call may be retried."""
+
+
+class SiteState(IntEnum):
+    """The integers of `cellmesh.common.v1.SiteState`."""
+
+    WAITING = 1
+    READY = 2
+    CLAIMED = 3
+    QUEUED = 4
+    RUNNING = 5
+    DONE = 6
+    FAILED = 7
+
+
+SETTLED = (SiteState.DONE, SiteState.FAILED)
+IN_FLIGHT = (SiteState.CLAIMED, SiteState.QUEUED, SiteState.RUNNING)
+
+
+class FailureClass(IntEnum):
+    """The integers of `cellmesh.common.v1.FailureClass`."""
+
+    UNSPECIFIED = 0
+    INPUT_PROBLEM = 1
+    TRANSIENT = 2
+    CP_PROBLEM = 3
+    TIMEOUT = 4
+    OUTPUT_PROBLEM = 5
+    BAD_TASK = 6
+
+
+class Outcome(IntEnum):
+    """The integers of `cellmesh.catalog.v1.RegistrationOutcome`."""
+
+    CREATED = 1
+    UNCHANGED = 2
+    REPLACED = 3
+
+
+class Decision(IntEnum):
+    """The integers of `cellmesh.catalog.v1.StartDecision`."""
+
+    RUN = 1
+    SKIP_DONE = 2
+    SKIP_STALE = 3
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    sha256: str
+    key: str
+    name: str
+    modules: list[str]
+    image_names: list[str]
+    tables: list[str]
+    table_files: list[str]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Layout:
+    rows: int
+    columns: int
+    sites_per_well: int
+    first_site: int
+    wells: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlateInfo:
+    name: str
+    channels: list[str]
+    layout: Layout | None
+    sites_known: bool
+    acquisition_finished: bool
+    pipelines: list[str]
+    reduce_with_failures: bool
+    created_at: datetime
+    image_count: int
+
+
+@dataclass(frozen=True)
+class SiteKey:
+    plate: str
+    well: str
+    site: int
+
+
+@dataclass(frozen=True)
+class ImageIn:
+    """One image to register."""
+
+    plate: str
+    well: str
+    site: int
+    channel: str
+    key: str
+    size: int
+    sha256: str
+    file_name: str
+    replace: bool = False
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    plate: str
+    well: str
+    site: int
+    channel: str
+    key: str
+    size: int
+    sha256: str
+    file_name: str
+    registered_at: datetime
+
+
+@dataclass(frozen=True)
+class SiteClaim:
+    site_job_id: int
+    attempt: int
+    site: SiteKey
+    images: list[ImageInfo]
+    pipeline_sha256: str
+    pipeline_key: str
+    expected_tables: list[str]
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    name: str
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    cellprofiler_version: str = ""
+    pipeline_sha256: str = ""
+    input_sha256: list[str] = field(default_factory=list)
+    worker_id: str = ""
+    download_seconds: float = 0.0
+    run_seconds: float = 0.0
+    upload_seconds: float = 0.0
+    object_counts: dict[str, int] = field(default_factory=dict)
+    mode: str = ""
+
+
+@dataclass(frozen=True)
+class SiteJobInfo:
+    id: int
+    site: SiteKey
+    pipeline_sha256: str
+    state: SiteState
+    attempt: int
+    failure_class: FailureClass
+    failure_reason: str
+    worker_id: str
+    ready_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    results: list[ResultFile]
+    provenance: Provenance | None
+
+
+@dataclass(frozen=True)
+class FailResult:
+    will_retry: bool
+    next_attempt: int
+    state: SiteState
+
+
+@dataclass(frozen=True)
+class Progress:
+    plate: str
+    pipeline_sha256: str
+    total: int
+    waiting: int
+    ready: int
+    queued: int
+    running: int
+    done: int
+    failed: int
+    report_version: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class RunClaim:
+    plate: str
+    pipeline_sha256: str
+    pipeline_key: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class ReportFile:
+    name: str
+    kind: int
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MissingSite:
+    well: str
+    site: int
+    state: SiteState | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Report:
+    plate: str
+    pipeline_sha256: str
+    generation: int
+    files: list[ReportFile]
+    wells: int
+    sites: int
+    missing_sites: list[MissingSite]
+    version: int = 0
+    created_at: datetime | None = None

@@ -1,0 +1,186 @@
+"""The catalog's tables.
+
+    pipelines   one row per .cppipe content (its SHA-256 is its identity)
+    plates      name, channels, optional layout, acquisition state
+    runs        one per (plate, pipeline): results generation, reduce bookkeeping
+    sites       one per (plate, well, site) the catalog knows of
+    images      one per (site, channel)
+    site_jobs   one per (run, site): the state machine the scheduler and workers drive
+    reports     plate reports, versioned per run
+
+Timestamps are naive UTC. States and failure classes are stored as the
+integers of the protobuf enums (`cellmesh.common.v1.SiteState`, `FailureClass`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Microsecond timestamps on MariaDB (its DATETIME keeps whole seconds by default).
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# A 64-bit key that is still SQLite's auto-incrementing INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+}
+TABLE_OPTIONS: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: Timestamp}
+
+
+class PipelineRow(Base):
+    __tablename__ = "pipelines"
+    __table_args__ = (TABLE_OPTIONS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int] = mapped_column(BigInteger)
+    modules: Mapped[list[str]] = mapped_column(JSON)
+    image_names: Mapped[list[str]] = mapped_column(JSON)
+    tables: Mapped[list[str]] = mapped_column(JSON)
+    table_files: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+
+class PlateRow(Base):
+    __tablename__ = "plates"
+    __table_args__ = (TABLE_OPTIONS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    channels: Mapped[list[str]] = mapped_column(JSON)
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    sites_known: Mapped[bool] = mapped_column(Boolean, default=False)
+    acquisition_finished: Mapped[bool] = mapped_column(Boolean, default=False)
+    reduce_with_failures: Mapped[bool] = mapped_column(Boolean, default=False)
+    image_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime]
+
+
+class RunRow(Base):
+    """A (plate, pipeline) run. `generation` grows each time one of its sites
+    settles; `reduced_generation` is the generation of its latest report."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        UniqueConstraint("plate_id", "pipeline_id"),
+        TABLE_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    plate_id: Mapped[int] = mapped_column(ForeignKey("plates.id"))
+    pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    reduced_generation: Mapped[int] = mapped_column(Integer, default=0)
+    reduce_claimed_by: Mapped[str | None] = mapped_column(String(200))
+    reduce_claim_generation: Mapped[int] = mapped_column(Integer, default=0)
+    reduce_claim_expires_at: Mapped[datetime | None]
+    reduce_queued_generation: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+
+
+class SiteRow(Base):
+    __tablename__ = "sites"
+    __table_args__ = (
+        UniqueConstraint("plate_id", "well_row", "well_col", "site"),
+        TABLE_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    plate_id: Mapped[int] = mapped_column(ForeignKey("plates.id"))
+    well_row: Mapped[int] = mapped_column(SmallInteger)
+    well_col: Mapped[int] = mapped_column(SmallInteger)
+    site: Mapped[int] = mapped_column(Integer)
+    well: Mapped[str] = mapped_column(String(4))
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("site_id", "channel"),
+        TABLE_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    channel: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    file_name: Mapped[str] = mapped_column(String(255))
+    registered_at: Mapped[datetime]
+
+
+class SiteJobRow(Base):
+    """One site processed with one pipeline. The (state, ready_at) index serves
+    the claim query: the oldest READY jobs first, whatever the table's size."""
+
+    __tablename__ = "site_jobs"
+    __table_args__ = (
+        UniqueConstraint("site_id", "run_id"),
+        Index("ix_site_jobs_state_ready_at", "state", "ready_at"),
+        Index("ix_site_jobs_run_id_state", "run_id", "state"),
+        TABLE_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    state: Mapped[int] = mapped_column(SmallInteger)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    ready_at: Mapped[datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claim_expires_at: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    failure_class: Mapped[int] = mapped_column(SmallInteger, default=0)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ReportRow(Base):
+    __tablename__ = "reports"
+    __table_args__ = (
+        UniqueConstraint("run_id", "version"),
+        UniqueConstraint("run_id", "generation"),
+        TABLE_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer)
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    wells: Mapped[int] = mapped_column(Integer)
+    sites: Mapped[int] = mapped_column(Integer)
+    missing_sites: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime]

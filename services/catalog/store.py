@@ -1,0 +1,1917 @@
+"""The catalog's store: every SQL statement of the mesh lives here.
+
+One `CatalogStore` per process, on SQLAlchemy's asyncio engine: MariaDB through
+asyncmy in production, SQLite through aiosqlite for single-machine runs and
+tests. Each public method is one unit of work (one transaction), retried when
+MariaDB reports a deadlock or a lock wait timeout.
+
+Concurrency:
+
+* Registrations lock their plates' rows (`SELECT ... FOR UPDATE`, in name
+  order) before they look at what is registered, so two registrations of the
+  same site never both miss that it became complete.
+* Claims take READY jobs (and CLAIMED jobs whose lease ran out) oldest first
+  with `SELECT ... FOR UPDATE SKIP LOCKED` on the (state, ready_at) index, so
+  two schedulers never get the same job and neither waits for the other.
+* Worker calls lock the one job row they change; a run's generation is bumped
+  with an atomic `UPDATE ... SET generation = generation + 1`.
+* On SQLite every transaction starts with `BEGIN IMMEDIATE` (one writer at a
+  time, across processes) and the store serialises its own units of work.
+
+Writes tell `changes` which plates changed, so progress streams wake up at
+once instead of at their next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Table, delete, event, func, insert, or_, select, tuple_, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from services.catalog.domain import (
+    IN_FLIGHT,
+    SETTLED,
+    AlreadyExists,
+    CatalogError,
+    Decision,
+    FailedPrecondition,
+    FailResult,
+    FailureClass,
+    ImageIn,
+    ImageInfo,
+    InvalidArgument,
+    Layout,
+    MissingSite,
+    NotFound,
+    Outcome,
+    PipelineInfo,
+    PlateInfo,
+    Progress,
+    Provenance,
+    Report,
+    ReportFile,
+    ResultFile,
+    RunClaim,
+    SiteClaim,
+    SiteJobInfo,
+    SiteKey,
+    SiteState,
+    Unavailable,
+)
+from services.catalog.models import (
+    ImageRow,
+    PipelineRow,
+    PlateRow,
+    ReportRow,
+    RunRow,
+    SiteJobRow,
+    SiteRow,
+)
+from services.common import validate
+from services.common.validate import Invalid
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CHUNK = 1000
+MAX_SITES_PER_WELL = 1000
+MAX_LAYOUT_SITES = 1_000_000
+DEFAULT_LEASE_SECONDS = 60
+MAX_LEASE_SECONDS = 3600
+MAX_CLAIM_SITES = 1000
+MAX_CLAIM_RUNS = 100
+MAX_IMAGES_PAGE = 10_000
+MAX_ERRORS_LISTED = 5
+RETRYABLE_MYSQL_ERRORS = (1205, 1213)  # lock wait timeout, deadlock
+UNSETTLED = tuple(s for s in SiteState if s not in SETTLED)
+
+images_t = cast(Table, ImageRow.__table__)
+sites_t = cast(Table, SiteRow.__table__)
+jobs_t = cast(Table, SiteJobRow.__table__)
+
+
+def utcnow() -> datetime:
+    """Now, as the naive UTC the database stores."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def make_engine(url: str, **options: Any) -> AsyncEngine:
+    """An engine set up for the catalog: READ COMMITTED on MariaDB; on SQLite
+    a folder for the file, WAL, foreign keys and `BEGIN IMMEDIATE`."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **options)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    options.setdefault("pool_size", 10)
+    options.setdefault("max_overflow", 20)
+    options.setdefault("pool_pre_ping", True)
+    options.setdefault("pool_recycle", 1800)
+    return create_async_engine(url, isolation_level="READ COMMITTED", **options)
+
+
+class ChangeFeed:
+    """In-process notifications of plate changes, for progress streams."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def subscribe(self, plate: str) -> asyncio.Event:
+        """An event set at the next change of `plate`; take it before reading."""
+        return self._events.setdefault(plate, asyncio.Event())
+
+    def wake_all(self) -> None:
+        self.notify(list(self._events))
+
+    def notify(self, plates: Iterable[str]) -> None:
+        for plate in set(plates):
+            event_ = self._events.pop(plate, None)
+            if event_ is not None:
+                event_.set()
+
+
+def _invalid(problems: list[str], total: int | None = None) -> InvalidArgument:
+    shown = problems[:MAX_ERRORS_LISTED]
+    more = (total or len(problems)) - len(shown)
+    text = "; ".join(shown)
+    if more > 0:
+        text += f"; and {more} more"
+    return InvalidArgument(text)
+
+
+def _pipeline_label(p: PipelineRow) -> str:
+    return f"{p.name} ({p.sha256[:12]})"
+
+
+def _site_label(well: str, site: int) -> str:
+    return f"{well} site {site}"
+
+
+def _plural(items: Sequence[str], one: str, many: str) -> str:
+    return one if len(items) == 1 else many
+
+
+def _quoted(items: Iterable[str]) -> str:
+    return ", ".join(f"'{i}'" for i in items)
+
+
+class CatalogStore:
+    """The catalog's domain operations over the database."""
+
+    def __init__(self, engine: AsyncEngine, max_attempts: int = 3) -> None:
+        self.engine = engine
+        self.max_attempts = max_attempts
+        self.changes = ChangeFeed()
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._sqlite_lock = asyncio.Lock()
+
+    @classmethod
+    def connect(cls, url: str, max_attempts: int = 3, **engine_options: Any) -> CatalogStore:
+        return cls(make_engine(url, **engine_options), max_attempts)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        """Raises Unavailable unless the database answers."""
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(select(1))
+
+        await self._run(work, retries=0)
+
+    # -- units of work ---------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _serialised(self) -> AsyncIterator[None]:
+        if self._sqlite:
+            async with self._sqlite_lock:
+                yield
+        else:
+            yield
+
+    async def _run(self, work: Callable[[AsyncSession], Awaitable[T]], retries: int = 3) -> T:
+        """Runs `work` in one transaction; retries deadlocks; maps a database
+        that does not answer to Unavailable."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._serialised(), self._sessions() as session, session.begin():
+                    return await work(session)
+            except CatalogError:
+                raise
+            except IntegrityError:
+                raise
+            except (OperationalError, InterfaceError, PoolTimeout) as exc:
+                if attempt <= retries and self._retryable(exc):
+                    log.info("retrying a unit of work after %s", _short(exc))
+                    await asyncio.sleep(0.01 * attempt)
+                    continue
+                if isinstance(exc, OperationalError) and self._retryable(exc):
+                    raise Unavailable(f"the catalog database is busy ({_short(exc)}); retry") from exc
+                raise Unavailable(f"the catalog database does not answer ({_short(exc)}); retry") from exc
+
+    def _retryable(self, exc: DBAPIError | PoolTimeout) -> bool:
+        orig = getattr(exc, "orig", None)
+        code = orig.args[0] if orig is not None and getattr(orig, "args", None) else None
+        if code in RETRYABLE_MYSQL_ERRORS:
+            return True
+        return self._sqlite and "database is locked" in str(exc)
+
+    # -- pipelines ---------------------------------------------------------------
+
+    async def find_pipeline(self, sha256: str) -> PipelineInfo | None:
+        async def work(session: AsyncSession) -> PipelineInfo | None:
+            row = await self._pipeline_row(session, sha256)
+            return None if row is None else _pipeline_info(row)
+
+        return await self._run(work)
+
+    async def get_pipeline(self, sha256: str) -> PipelineInfo:
+        _check(validate.check_sha256, sha256, "pipeline sha256")
+        found = await self.find_pipeline(sha256)
+        if found is None:
+            raise NotFound(f"no pipeline has SHA-256 {sha256}; register it with RegisterPipeline")
+        return found
+
+    async def add_pipeline(self, info: PipelineInfo, size: int) -> tuple[PipelineInfo, bool]:
+        """Records a pipeline stored at `info.key`; (pipeline, created). The same
+        SHA-256 registered before returns the first registration."""
+
+        async def work(session: AsyncSession) -> tuple[PipelineInfo, bool]:
+            row = await self._pipeline_row(session, info.sha256)
+            if row is not None:
+                return _pipeline_info(row), False
+            row = PipelineRow(
+                sha256=info.sha256,
+                name=info.name,
+                key=info.key,
+                size=size,
+                modules=info.modules,
+                image_names=info.image_names,
+                tables=info.tables,
+                table_files=info.table_files,
+                created_at=utcnow(),
+            )
+            session.add(row)
+            await session.flush()
+            return _pipeline_info(row), True
+
+        try:
+            return await self._run(work)
+        except IntegrityError:
+            # Registered at the same moment by another call.
+            return await self.get_pipeline(info.sha256), False
+
+    async def list_pipelines(self) -> list[PipelineInfo]:
+        async def work(session: AsyncSession) -> list[PipelineInfo]:
+            rows = await session.scalars(
+                select(PipelineRow).order_by(PipelineRow.created_at.desc(), PipelineRow.id.desc())
+            )
+            return [_pipeline_info(r) for r in rows]
+
+        return await self._run(work)
+
+    async def _pipeline_row(self, session: AsyncSession, sha256: str) -> PipelineRow | None:
+        row: PipelineRow | None = await session.scalar(
+            select(PipelineRow).where(PipelineRow.sha256 == sha256)
+        )
+        return row
+
+    async def _require_pipeline(self, session: AsyncSession, sha256: str) -> PipelineRow:
+        if not sha256:
+            raise InvalidArgument("pipeline_sha256 is required: register a pipeline and give its SHA-256")
+        _check(validate.check_sha256, sha256, "pipeline_sha256")
+        row = await self._pipeline_row(session, sha256)
+        if row is None:
+            raise NotFound(f"no pipeline has SHA-256 {sha256}; register it with RegisterPipeline first")
+        return row
+
+    # -- plates ------------------------------------------------------------------
+
+    async def create_plate(
+        self,
+        name: str,
+        channels: Sequence[str],
+        layout: Layout | None,
+        pipeline_sha256: str,
+        reduce_with_failures: bool,
+    ) -> PlateInfo:
+        _check(validate.check_plate_name, name)
+        channels = _check_channels(channels)
+        expected = _layout_sites(layout) if layout is not None else []
+
+        async def work(session: AsyncSession) -> PlateInfo:
+            pipeline = await self._require_pipeline(session, pipeline_sha256)
+            _check_pipeline_fits(pipeline, channels, name)
+            existing = await session.scalar(select(PlateRow.id).where(PlateRow.name == name))
+            if existing is not None:
+                raise AlreadyExists(f"plate {name!r} exists already; choose another name or use GetPlate")
+            now = utcnow()
+            plate = PlateRow(
+                name=name,
+                channels=list(channels),
+                layout=None if layout is None else _layout_json(layout),
+                sites_known=layout is not None,
+                acquisition_finished=False,
+                reduce_with_failures=reduce_with_failures,
+                image_count=0,
+                created_at=now,
+            )
+            session.add(plate)
+            await session.flush()
+            run = RunRow(plate_id=plate.id, pipeline_id=pipeline.id, position=0, created_at=now)
+            session.add(run)
+            await session.flush()
+            if expected:
+                site_ids = await self._insert_sites(session, plate.id, expected)
+                await self._insert_jobs(
+                    session,
+                    [
+                        _job_row(run.id, sid, SiteState.WAITING, None)
+                        for sid in (site_ids[s] for s in expected)
+                    ],
+                )
+            return await self._plate_info(session, plate)
+
+        try:
+            info = await self._run(work)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"plate {name!r} exists already; choose another name") from exc
+        self.changes.notify([name])
+        return info
+
+    async def get_plate(self, name: str) -> PlateInfo:
+        async def work(session: AsyncSession) -> PlateInfo:
+            return await self._plate_info(session, await self._require_plate(session, name))
+
+        return await self._run(work)
+
+    async def list_plates(self) -> list[PlateInfo]:
+        async def work(session: AsyncSession) -> list[PlateInfo]:
+            plates = list(
+                await session.scalars(
+                    select(PlateRow).order_by(PlateRow.created_at.desc(), PlateRow.id.desc())
+                )
+            )
+            pipelines: dict[int, list[str]] = defaultdict(list)
+            rows = await session.execute(
+                select(RunRow.plate_id, PipelineRow.sha256)
+                .join(PipelineRow, PipelineRow.id == RunRow.pipeline_id)
+                .order_by(RunRow.plate_id, RunRow.position)
+            )
+            for plate_id, sha in rows:
+                pipelines[plate_id].append(sha)
+            return [_plate_info(p, pipelines[p.id]) for p in plates]
+
+        return await self._run(work)
+
+    async def add_plate_pipeline(self, plate_name: str, pipeline_sha256: str) -> tuple[PlateInfo, int]:
+        """Adds a run of another pipeline: a job for every known site (READY
+        where every channel is in). Returns (plate, jobs created)."""
+
+        async def work(session: AsyncSession) -> tuple[PlateInfo, int]:
+            plate = await self._require_plate(session, plate_name, lock=True)
+            pipeline = await self._require_pipeline(session, pipeline_sha256)
+            _check_pipeline_fits(pipeline, plate.channels, plate.name)
+            runs = list(await session.scalars(select(RunRow).where(RunRow.plate_id == plate.id)))
+            if any(r.pipeline_id == pipeline.id for r in runs):
+                raise AlreadyExists(
+                    f"pipeline {_pipeline_label(pipeline)} already runs on plate {plate.name!r}"
+                )
+            now = utcnow()
+            run = RunRow(
+                plate_id=plate.id,
+                pipeline_id=pipeline.id,
+                position=max((r.position for r in runs), default=-1) + 1,
+                created_at=now,
+            )
+            session.add(run)
+            await session.flush()
+            present = await self._channels_by_site(session, plate.id)
+            jobs = []
+            failed = 0
+            for site_id, have in present.items():
+                if len(have) == len(plate.channels):
+                    jobs.append(_job_row(run.id, site_id, SiteState.READY, now))
+                elif plate.acquisition_finished:
+                    row = _job_row(run.id, site_id, SiteState.FAILED, None)
+                    row.update(
+                        failure_class=int(FailureClass.INPUT_PROBLEM),
+                        failure_reason=_missing_reason(plate.channels, have),
+                        finished_at=now,
+                    )
+                    jobs.append(row)
+                    failed += 1
+                else:
+                    jobs.append(_job_row(run.id, site_id, SiteState.WAITING, None))
+            await self._insert_jobs(session, jobs)
+            if failed:
+                run.generation = failed
+            return await self._plate_info(session, plate), len(jobs)
+
+        result = await self._run(work)
+        self.changes.notify([plate_name])
+        return result
+
+    async def finish_acquisition(self, plate_name: str) -> tuple[PlateInfo, list[SiteKey]]:
+        """No more images will come: sites missing channels fail for good
+        (INPUT_PROBLEM). Returns the plate and its incomplete sites."""
+
+        async def work(session: AsyncSession) -> tuple[PlateInfo, list[SiteKey]]:
+            plate = await self._require_plate(session, plate_name, lock=True)
+            plate.acquisition_finished = True
+            plate.sites_known = True
+            present = await self._channels_by_site(session, plate.id, incomplete_only=len(plate.channels))
+            by_reason: dict[str, list[int]] = defaultdict(list)
+            for site_id, have in present.items():
+                by_reason[_missing_reason(plate.channels, have)].append(site_id)
+            now = utcnow()
+            runs = list(await session.scalars(select(RunRow).where(RunRow.plate_id == plate.id)))
+            for run in runs:
+                failed = 0
+                for reason, site_ids in by_reason.items():
+                    for part in chunks(site_ids):
+                        result = await session.execute(
+                            update(SiteJobRow)
+                            .where(
+                                SiteJobRow.run_id == run.id,
+                                SiteJobRow.site_id.in_(part),
+                                SiteJobRow.state == int(SiteState.WAITING),
+                            )
+                            .values(
+                                state=int(SiteState.FAILED),
+                                failure_class=int(FailureClass.INPUT_PROBLEM),
+                                failure_reason=reason,
+                                finished_at=now,
+                            )
+                            .execution_options(synchronize_session=False)
+                        )
+                        failed += _rowcount(result)
+                if failed:
+                    await self._bump_generation(session, run.id, failed)
+            found: list[tuple[int, int, int, str]] = []
+            for part in chunks(list(present)):
+                rows = await session.execute(
+                    select(SiteRow.well_row, SiteRow.well_col, SiteRow.site, SiteRow.well).where(
+                        SiteRow.id.in_(part)
+                    )
+                )
+                found += [(r, c, s, w) for r, c, s, w in rows]
+            incomplete = [SiteKey(plate.name, w, s) for _r, _c, s, w in sorted(found)]
+            return await self._plate_info(session, plate), incomplete
+
+        result = await self._run(work)
+        self.changes.notify([plate_name])
+        return result
+
+    async def _require_plate(self, session: AsyncSession, name: str, lock: bool = False) -> PlateRow:
+        if not name:
+            raise InvalidArgument("plate is required (the plate's name)")
+        query = select(PlateRow).where(PlateRow.name == name)
+        if lock:
+            query = query.with_for_update()
+        plate: PlateRow | None = await session.scalar(query)
+        if plate is None:
+            raise NotFound(f"plate {name!r} does not exist; create it with CreatePlate")
+        return plate
+
+    async def _plate_info(self, session: AsyncSession, plate: PlateRow) -> PlateInfo:
+        shas = await session.scalars(
+            select(PipelineRow.sha256)
+            .join(RunRow, RunRow.pipeline_id == PipelineRow.id)
+            .where(RunRow.plate_id == plate.id)
+            .order_by(RunRow.position)
+        )
+        return _plate_info(plate, list(shas))
+
+    async def _channels_by_site(
+        self, session: AsyncSession, plate_id: int, incomplete_only: int = 0
+    ) -> dict[int, set[str]]:
+        """{site id: channels registered} for every site of a plate (or only
+        those with fewer than `incomplete_only` channels)."""
+        query = (
+            select(SiteRow.id, ImageRow.channel)
+            .select_from(SiteRow)
+            .outerjoin(ImageRow, ImageRow.site_id == SiteRow.id)
+            .where(SiteRow.plate_id == plate_id)
+        )
+        if incomplete_only:
+            counts = (
+                select(SiteRow.id)
+                .select_from(SiteRow)
+                .outerjoin(ImageRow, ImageRow.site_id == SiteRow.id)
+                .where(SiteRow.plate_id == plate_id)
+                .group_by(SiteRow.id)
+                .having(func.count(ImageRow.id) < incomplete_only)
+            )
+            ids = list(await session.scalars(counts))
+            present: dict[int, set[str]] = {i: set() for i in ids}
+            for part in chunks(ids):
+                rows = await session.execute(
+                    select(ImageRow.site_id, ImageRow.channel).where(ImageRow.site_id.in_(part))
+                )
+                for site_id, channel in rows:
+                    present[site_id].add(channel)
+            return present
+        everything: dict[int, set[str]] = {}
+        for site_id, channel in await session.execute(query):
+            have = everything.setdefault(site_id, set())
+            if channel is not None:
+                have.add(channel)
+        return everything
+
+    async def _insert_sites(
+        self, session: AsyncSession, plate_id: int, sites: Sequence[tuple[int, int, int]]
+    ) -> dict[tuple[int, int, int], int]:
+        """Inserts (row, column, site) sites; returns their ids."""
+        ids: dict[tuple[int, int, int], int] = {}
+        for part in chunks(sites, 5000):
+            rows = [
+                {
+                    "plate_id": plate_id,
+                    "well_row": r,
+                    "well_col": c,
+                    "site": s,
+                    "well": validate.well_name(r, c),
+                }
+                for r, c, s in part
+            ]
+            result = await session.execute(
+                insert(sites_t).returning(
+                    sites_t.c.id, sites_t.c.well_row, sites_t.c.well_col, sites_t.c.site
+                ),
+                rows,
+            )
+            for site_id, r, c, s in result:
+                ids[(r, c, s)] = site_id
+        return ids
+
+    async def _insert_jobs(self, session: AsyncSession, jobs: list[dict[str, Any]]) -> None:
+        for part in chunks(jobs, 5000):
+            await session.execute(insert(jobs_t), list(part))
+
+    async def _bump_generation(self, session: AsyncSession, run_id: int, by: int = 1) -> None:
+        await session.execute(
+            update(RunRow)
+            .where(RunRow.id == run_id)
+            .values(generation=RunRow.generation + by)
+            .execution_options(synchronize_session=False)
+        )
+
+    # -- images ------------------------------------------------------------------
+
+    async def register_images(self, images: Sequence[ImageIn]) -> tuple[list[Outcome], int]:
+        """Registers a batch in one transaction after checking all of it.
+        Returns one outcome per image and the number of sites that became ready."""
+        try:
+            validate.check_batch_size(len(images))
+        except Invalid as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not images:
+            return [], 0
+        parsed = _check_images(images)
+
+        async def work(session: AsyncSession) -> tuple[list[Outcome], int]:
+            names = sorted({i.plate for i in images})
+            plates: dict[str, PlateRow] = {}
+            for part in chunks(names):
+                rows = await session.scalars(
+                    select(PlateRow).where(PlateRow.name.in_(part)).order_by(PlateRow.name).with_for_update()
+                )
+                plates.update({p.name: p for p in rows})
+            missing = [n for n in names if n not in plates]
+            if missing:
+                raise NotFound(
+                    f"{_plural(missing, 'plate', 'plates')} {_quoted(missing)} "
+                    f"{_plural(missing, 'does', 'do')} not exist; create {_plural(missing, 'it', 'them')} with CreatePlate"
+                )
+            _check_against_plates(images, parsed, plates)
+            outcomes: list[Outcome] = [Outcome.CREATED] * len(images)
+            ready = 0
+            for name in names:
+                plate = plates[name]
+                indexes = [i for i, img in enumerate(images) if img.plate == name]
+                ready += await self._register_plate_images(session, plate, images, parsed, indexes, outcomes)
+            return outcomes, ready
+
+        result = await self._run(work)
+        self.changes.notify({i.plate for i in images})
+        return result
+
+    async def _register_plate_images(
+        self,
+        session: AsyncSession,
+        plate: PlateRow,
+        images: Sequence[ImageIn],
+        parsed: list[tuple[int, int]],
+        indexes: list[int],
+        outcomes: list[Outcome],
+    ) -> int:
+        now = utcnow()
+        keys = sorted({(*parsed[i], images[i].site) for i in indexes})
+        site_ids = await self._site_ids(session, plate.id, keys)
+        existing: dict[int, dict[str, tuple[int, str]]] = defaultdict(dict)
+        for part in chunks(list(site_ids.values())):
+            rows = await session.execute(
+                select(ImageRow.site_id, ImageRow.channel, ImageRow.id, ImageRow.sha256).where(
+                    ImageRow.site_id.in_(part)
+                )
+            )
+            for site_id, channel, image_id, sha in rows:
+                existing[site_id][channel] = (image_id, sha)
+
+        # Decide every image before writing anything.
+        conflicts: list[str] = []
+        first_in_batch: dict[tuple[int, int, int, str], int] = {}
+        creates: list[int] = []
+        replaces: list[tuple[int, int]] = []  # (batch index, image id)
+        for i in indexes:
+            img = images[i]
+            key = (*parsed[i], img.site)
+            slot = (*key, img.channel)
+            label = f"plate {plate.name!r} well {img.well} site {img.site} channel {img.channel}"
+            earlier = first_in_batch.get(slot)
+            if earlier is not None:
+                if images[earlier].sha256 == img.sha256:
+                    outcomes[i] = Outcome.UNCHANGED
+                    continue
+                raise InvalidArgument(
+                    f"images {earlier} and {i} are both for {label} with different content; send one of them"
+                )
+            first_in_batch[slot] = i
+            site_id = site_ids.get(key)
+            registered = existing[site_id].get(img.channel) if site_id is not None else None
+            if registered is None:
+                outcomes[i] = Outcome.CREATED
+                creates.append(i)
+            elif registered[1] == img.sha256:
+                outcomes[i] = Outcome.UNCHANGED
+            elif img.replace:
+                outcomes[i] = Outcome.REPLACED
+                replaces.append((i, registered[0]))
+            else:
+                conflicts.append(
+                    f"{label} already has a different image (SHA-256 {registered[1][:12]}…); "
+                    "set replace to overwrite it"
+                )
+        if conflicts:
+            raise AlreadyExists(
+                "; ".join(conflicts[:MAX_ERRORS_LISTED])
+                + (
+                    f"; and {len(conflicts) - MAX_ERRORS_LISTED} more"
+                    if len(conflicts) > MAX_ERRORS_LISTED
+                    else ""
+                )
+            )
+        new_keys = sorted({(*parsed[i], images[i].site) for i in creates} - set(site_ids))
+        if new_keys and plate.acquisition_finished:
+            r, c, s = new_keys[0]
+            raise FailedPrecondition(
+                f"plate {plate.name!r} finished its acquisition; {validate.well_name(r, c)} site {s} "
+                "is a new site (images may only replace or complete known sites)"
+            )
+
+        # Write.
+        new_ids = await self._insert_sites(session, plate.id, new_keys) if new_keys else {}
+        site_ids.update(new_ids)
+        if creates:
+            image_rows = [
+                {
+                    "site_id": site_ids[(*parsed[i], images[i].site)],
+                    "channel": images[i].channel,
+                    "key": images[i].key,
+                    "sha256": images[i].sha256,
+                    "size": images[i].size,
+                    "file_name": images[i].file_name,
+                    "registered_at": now,
+                }
+                for i in creates
+            ]
+            for image_part in chunks(image_rows, 5000):
+                await session.execute(insert(images_t), list(image_part))
+        for i, image_id in replaces:
+            img = images[i]
+            await session.execute(
+                update(ImageRow)
+                .where(ImageRow.id == image_id)
+                .values(
+                    key=img.key, sha256=img.sha256, size=img.size, file_name=img.file_name, registered_at=now
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if creates:
+            plate.image_count = plate.image_count + len(creates)
+
+        # Readiness.
+        n_channels = len(plate.channels)
+        gained: dict[int, set[str]] = defaultdict(set)
+        for i in creates:
+            gained[site_ids[(*parsed[i], images[i].site)]].add(images[i].channel)
+        newly_complete_old: list[int] = []
+        newly_complete_new: list[int] = []
+        incomplete_new: list[int] = []
+        new_site_ids = set(new_ids.values())
+        for site_id, channels in gained.items():
+            before = len(existing[site_id]) if site_id not in new_site_ids else 0
+            after = before + len(channels)
+            if site_id in new_site_ids:
+                (newly_complete_new if after == n_channels else incomplete_new).append(site_id)
+            elif after == n_channels and before < n_channels:
+                newly_complete_old.append(site_id)
+        replaced_complete = sorted(
+            {
+                site_ids[(*parsed[i], images[i].site)]
+                for i, _ in replaces
+                if len(existing[site_ids[(*parsed[i], images[i].site)]])
+                + len(gained.get(site_ids[(*parsed[i], images[i].site)], ()))
+                == n_channels
+            }
+        )
+        if new_site_ids:
+            run_ids = list(await session.scalars(select(RunRow.id).where(RunRow.plate_id == plate.id)))
+            jobs = [_job_row(r, s, SiteState.READY, now) for r in run_ids for s in newly_complete_new]
+            jobs += [_job_row(r, s, SiteState.WAITING, None) for r in run_ids for s in incomplete_new]
+            await self._insert_jobs(session, jobs)
+        for part in chunks(newly_complete_old):
+            await session.execute(
+                update(SiteJobRow)
+                .where(
+                    SiteJobRow.site_id.in_(part),
+                    SiteJobRow.state.in_([int(SiteState.WAITING), int(SiteState.FAILED)]),
+                )
+                .values(_back_to_ready(now))
+                .execution_options(synchronize_session=False)
+            )
+        for part in chunks(replaced_complete):
+            await session.execute(
+                update(SiteJobRow)
+                .where(SiteJobRow.site_id.in_(part))
+                .values(_back_to_ready(now))
+                .execution_options(synchronize_session=False)
+            )
+        return len(newly_complete_old) + len(newly_complete_new)
+
+    async def _site_ids(
+        self, session: AsyncSession, plate_id: int, keys: Sequence[tuple[int, int, int]]
+    ) -> dict[tuple[int, int, int], int]:
+        found: dict[tuple[int, int, int], int] = {}
+        for part in chunks(keys):
+            rows = await session.execute(
+                select(SiteRow.id, SiteRow.well_row, SiteRow.well_col, SiteRow.site).where(
+                    SiteRow.plate_id == plate_id,
+                    tuple_(SiteRow.well_row, SiteRow.well_col, SiteRow.site).in_(list(part)),
+                )
+            )
+            for site_id, r, c, s in rows:
+                found[(r, c, s)] = site_id
+        return found
+
+    async def list_images(
+        self, plate_name: str, well: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ImageInfo], str]:
+        if page_size < 0:
+            raise InvalidArgument(
+                f"page_size {page_size} is negative; give 1 to {MAX_IMAGES_PAGE} or 0 for the default"
+            )
+        size = min(page_size or MAX_IMAGES_PAGE, MAX_IMAGES_PAGE)
+        position = _decode_token(page_token) if page_token else None
+        where_well = _check(validate.parse_well, well) if well else None
+
+        async def work(session: AsyncSession) -> tuple[list[ImageInfo], str]:
+            plate = await self._require_plate(session, plate_name)
+            order = (SiteRow.well_row, SiteRow.well_col, SiteRow.site, ImageRow.channel)
+            query = (
+                select(SiteRow.well, SiteRow.site, ImageRow, SiteRow.well_row, SiteRow.well_col)
+                .join(ImageRow, ImageRow.site_id == SiteRow.id)
+                .where(SiteRow.plate_id == plate.id)
+                .order_by(*order)
+                .limit(size + 1)
+            )
+            if where_well is not None:
+                query = query.where(SiteRow.well_row == where_well[0], SiteRow.well_col == where_well[1])
+            if position is not None:
+                query = query.where(tuple_(*order) > tuple_(*position))
+            rows = (await session.execute(query)).all()
+            images = [
+                ImageInfo(
+                    plate.name,
+                    w,
+                    s,
+                    img.channel,
+                    img.key,
+                    img.size,
+                    img.sha256,
+                    img.file_name,
+                    img.registered_at,
+                )
+                for w, s, img, _r, _c in rows[:size]
+            ]
+            token = ""
+            if len(rows) > size:
+                w, s, img, r, c = rows[size - 1]
+                token = _encode_token([r, c, s, img.channel])
+            return images, token
+
+        return await self._run(work)
+
+    # -- claims ------------------------------------------------------------------
+
+    async def claim_ready_sites(
+        self, scheduler_id: str, max_sites: int, lease_seconds: int = 0
+    ) -> list[SiteClaim]:
+        """Claims up to `max_sites` READY jobs (and CLAIMED jobs whose lease ran
+        out), oldest first, each with a new attempt number."""
+        if not scheduler_id:
+            raise InvalidArgument("scheduler_id is required (who claims, for status and logs)")
+        if not 1 <= max_sites <= MAX_CLAIM_SITES:
+            raise InvalidArgument(
+                f"max_sites {max_sites} is out of range: ask for 1 to {MAX_CLAIM_SITES} sites"
+            )
+        lease = _lease(lease_seconds)
+
+        async def work(session: AsyncSession) -> tuple[list[SiteClaim], set[str]]:
+            now = utcnow()
+            oldest_first = (SiteJobRow.ready_at, SiteJobRow.id)
+            expired = list(
+                await session.scalars(
+                    select(SiteJobRow.id)
+                    .where(SiteJobRow.state == int(SiteState.CLAIMED), SiteJobRow.claim_expires_at < now)
+                    .order_by(*oldest_first)
+                    .limit(max_sites)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            ready: list[int] = []
+            if len(expired) < max_sites:
+                ready = list(
+                    await session.scalars(
+                        select(SiteJobRow.id)
+                        .where(SiteJobRow.state == int(SiteState.READY))
+                        .order_by(*oldest_first)
+                        .limit(max_sites - len(expired))
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+            ids = expired + ready
+            if not ids:
+                return [], set()
+            if expired:
+                log.info("%d site claims expired; claiming them again", len(expired))
+            await session.execute(
+                update(SiteJobRow)
+                .where(SiteJobRow.id.in_(ids))
+                .values(
+                    state=int(SiteState.CLAIMED),
+                    claimed_by=scheduler_id[:200],
+                    claim_expires_at=now + timedelta(seconds=lease),
+                    attempt=SiteJobRow.attempt + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            # Primary-key lookups only: a join here lets the planner walk a
+            # whole run's jobs, and the claim would slow down as plates grow.
+            jobs = (
+                await session.execute(
+                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.site_id, SiteJobRow.run_id)
+                    .where(SiteJobRow.id.in_(ids))
+                    .order_by(*oldest_first)
+                )
+            ).all()
+            sites = {
+                site.id: site
+                for site in await session.scalars(
+                    select(SiteRow).where(SiteRow.id.in_([j.site_id for j in jobs]))
+                )
+            }
+            runs = {}
+            for run_id in {j.run_id for j in jobs}:
+                runs[run_id] = (
+                    await session.execute(
+                        select(
+                            PlateRow.name,
+                            PlateRow.channels,
+                            PipelineRow.sha256,
+                            PipelineRow.key,
+                            PipelineRow.table_files,
+                        )
+                        .select_from(RunRow)
+                        .join(PlateRow, PlateRow.id == RunRow.plate_id)
+                        .join(PipelineRow, PipelineRow.id == RunRow.pipeline_id)
+                        .where(RunRow.id == run_id)
+                    )
+                ).one()
+            images = await self._images_of_sites(session, list(sites))
+            claims = []
+            for job in jobs:
+                site = sites[job.site_id]
+                run = runs[job.run_id]
+                order = {c: n for n, c in enumerate(run.channels)}
+                site_images = sorted(images.get(site.id, []), key=lambda i: order.get(i.channel, len(order)))
+                claims.append(
+                    SiteClaim(
+                        site_job_id=job.id,
+                        attempt=job.attempt,
+                        site=SiteKey(run.name, site.well, site.site),
+                        images=[
+                            ImageInfo(
+                                run.name,
+                                site.well,
+                                site.site,
+                                i.channel,
+                                i.key,
+                                i.size,
+                                i.sha256,
+                                i.file_name,
+                                i.registered_at,
+                            )
+                            for i in site_images
+                        ],
+                        pipeline_sha256=run.sha256,
+                        pipeline_key=run.key,
+                        expected_tables=list(run.table_files),
+                    )
+                )
+            return claims, {r.name for r in runs.values()}
+
+        claims, plates = await self._run(work)
+        self.changes.notify(plates)
+        return claims
+
+    async def _images_of_sites(
+        self, session: AsyncSession, site_ids: Sequence[int]
+    ) -> dict[int, list[ImageRow]]:
+        found: dict[int, list[ImageRow]] = defaultdict(list)
+        for part in chunks(sorted(set(site_ids))):
+            for img in await session.scalars(select(ImageRow).where(ImageRow.site_id.in_(part))):
+                found[img.site_id].append(img)
+        return found
+
+    async def mark_sites_queued(self, scheduler_id: str, sites: Sequence[tuple[int, int]]) -> int:
+        """CLAIMED jobs whose attempt matches go to QUEUED; returns how many."""
+        if not sites:
+            return 0
+        wanted = dict(sites)
+
+        async def work(session: AsyncSession) -> tuple[int, set[str]]:
+            matched: list[int] = []
+            plates: set[str] = set()
+            for part in chunks(sorted(wanted)):
+                rows = await session.execute(
+                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.run_id)
+                    .where(SiteJobRow.id.in_(part), SiteJobRow.state == int(SiteState.CLAIMED))
+                    .with_for_update()
+                )
+                run_ids: set[int] = set()
+                for job_id, attempt, run_id in rows:
+                    if wanted[job_id] == attempt:
+                        matched.append(job_id)
+                        run_ids.add(run_id)
+                if run_ids:
+                    names = await session.scalars(
+                        select(PlateRow.name)
+                        .join(RunRow, RunRow.plate_id == PlateRow.id)
+                        .where(RunRow.id.in_(sorted(run_ids)))
+                    )
+                    plates.update(names)
+            for part in chunks(matched):
+                await session.execute(
+                    update(SiteJobRow)
+                    .where(SiteJobRow.id.in_(part))
+                    .values(state=int(SiteState.QUEUED), claim_expires_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+            return len(matched), plates
+
+        marked, plates = await self._run(work)
+        self.changes.notify(plates)
+        return marked
+
+    # -- worker calls ----------------------------------------------------------------
+
+    async def _lock_job(self, session: AsyncSession, job_id: int) -> tuple[SiteJobRow, RunRow, str]:
+        job: SiteJobRow | None = await session.get(SiteJobRow, job_id, with_for_update=True)
+        if job is None:
+            raise NotFound(f"site job {job_id} does not exist")
+        run = await session.get(RunRow, job.run_id)
+        assert run is not None
+        plate = await session.scalar(select(PlateRow.name).where(PlateRow.id == run.plate_id))
+        return job, run, str(plate)
+
+    async def start_site_job(self, job_id: int, attempt: int, worker_id: str) -> tuple[Decision, str]:
+        """Tells a worker whether to run the task it received."""
+
+        async def work(session: AsyncSession) -> tuple[Decision, str, str]:
+            job, _run, plate = await self._lock_job(session, job_id)
+            state = SiteState(job.state)
+            if state == SiteState.DONE:
+                return Decision.SKIP_DONE, f"site job {job_id} is done already (attempt {job.attempt})", plate
+            if state == SiteState.FAILED:
+                return (
+                    Decision.SKIP_STALE,
+                    f"site job {job_id} failed for good: {job.failure_reason or ''}",
+                    plate,
+                )
+            if attempt < job.attempt:
+                return (
+                    Decision.SKIP_STALE,
+                    f"attempt {attempt} is stale, site is at attempt {job.attempt}",
+                    plate,
+                )
+            if attempt > job.attempt:
+                raise FailedPrecondition(
+                    f"attempt {attempt} of site job {job_id} was never issued; the site is at attempt {job.attempt}"
+                )
+            if state not in IN_FLIGHT:
+                return (
+                    Decision.SKIP_STALE,
+                    f"site job {job_id} was requeued after attempt {attempt} was issued; it is {state.name}",
+                    plate,
+                )
+            job.state = int(SiteState.RUNNING)
+            job.started_at = utcnow()
+            job.worker_id = worker_id[:200] or None
+            job.claim_expires_at = None
+            return Decision.RUN, f"run attempt {attempt}", plate
+
+        decision, detail, plate = await self._run(work)
+        self.changes.notify([plate])
+        return decision, detail
+
+    async def complete_site_job(
+        self,
+        job_id: int,
+        attempt: int,
+        worker_id: str,
+        results: Sequence[ResultFile],
+        provenance: Provenance | None,
+    ) -> bool:
+        """Records a successful attempt; False if the job was done already."""
+        problems = _check_results(results)
+        if problems:
+            raise _invalid(problems)
+
+        async def work(session: AsyncSession) -> tuple[bool, str]:
+            job, run, plate = await self._lock_job(session, job_id)
+            state = SiteState(job.state)
+            if state == SiteState.DONE:
+                return False, plate
+            if attempt != job.attempt:
+                raise FailedPrecondition(f"attempt {attempt} is stale, site is at attempt {job.attempt}")
+            if state == SiteState.FAILED:
+                raise FailedPrecondition(
+                    f"site job {job_id} failed for good before attempt {attempt} completed "
+                    f"({job.failure_reason or 'no reason'}); requeue it to run again"
+                )
+            if state not in IN_FLIGHT:
+                raise FailedPrecondition(
+                    f"site job {job_id} was requeued after attempt {attempt} was issued; attempt {attempt} is stale"
+                )
+            now = utcnow()
+            job.state = int(SiteState.DONE)
+            job.finished_at = now
+            job.worker_id = worker_id[:200] or job.worker_id
+            job.failure_class = int(FailureClass.UNSPECIFIED)
+            job.failure_reason = None
+            job.claim_expires_at = None
+            job.results = [
+                {"name": r.name, "key": r.key, "size": r.size, "sha256": r.sha256} for r in results
+            ]
+            job.provenance = None if provenance is None else _provenance_json(provenance)
+            await self._bump_generation(session, run.id)
+            return True, plate
+
+        recorded, plate = await self._run(work)
+        self.changes.notify([plate])
+        return recorded
+
+    async def fail_site_job(
+        self,
+        job_id: int,
+        attempt: int,
+        worker_id: str,
+        failure_class: FailureClass,
+        reason: str,
+        final: bool,
+    ) -> FailResult:
+        """Records a failed attempt and decides whether it is retried."""
+        if failure_class == FailureClass.UNSPECIFIED:
+            raise InvalidArgument(
+                "failure_class is required: INPUT_PROBLEM, TRANSIENT, CP_PROBLEM, TIMEOUT, OUTPUT_PROBLEM or BAD_TASK"
+            )
+
+        async def work(session: AsyncSession) -> tuple[FailResult, str]:
+            job, run, plate = await self._lock_job(session, job_id)
+            state = SiteState(job.state)
+            if state in SETTLED:
+                return FailResult(False, job.attempt, state), plate
+            if attempt != job.attempt:
+                raise FailedPrecondition(f"attempt {attempt} is stale, site is at attempt {job.attempt}")
+            if state not in IN_FLIGHT:
+                raise FailedPrecondition(
+                    f"site job {job_id} was requeued after attempt {attempt} was issued; attempt {attempt} is stale"
+                )
+            now = utcnow()
+            job.failure_class = int(failure_class)
+            job.failure_reason = reason[:10_000] or failure_class.name
+            job.worker_id = worker_id[:200] or job.worker_id
+            job.claim_expires_at = None
+            give_up = final or failure_class in (FailureClass.INPUT_PROBLEM, FailureClass.BAD_TASK)
+            if not give_up and failure_class == FailureClass.TRANSIENT:
+                job.state = int(SiteState.QUEUED)
+                return FailResult(True, job.attempt, SiteState.QUEUED), plate
+            if not give_up and job.attempt < self.max_attempts:
+                job.state = int(SiteState.QUEUED)
+                job.attempt = job.attempt + 1
+                return FailResult(True, job.attempt, SiteState.QUEUED), plate
+            job.state = int(SiteState.FAILED)
+            job.finished_at = now
+            await self._bump_generation(session, run.id)
+            return FailResult(False, job.attempt, SiteState.FAILED), plate
+
+        result, plate = await self._run(work)
+        self.changes.notify([plate])
+        return result
+
+    # -- site lists and requeue -------------------------------------------------------
+
+    async def _resolve_run(
+        self, session: AsyncSession, plate_name: str, pipeline_sha256: str, lock_plate: bool = False
+    ) -> tuple[PlateRow, RunRow, PipelineRow]:
+        plate = await self._require_plate(session, plate_name, lock=lock_plate)
+        query = (
+            select(RunRow, PipelineRow)
+            .join(PipelineRow, PipelineRow.id == RunRow.pipeline_id)
+            .where(RunRow.plate_id == plate.id)
+        )
+        if pipeline_sha256:
+            _check(validate.check_sha256, pipeline_sha256, "pipeline_sha256")
+            query = query.where(PipelineRow.sha256 == pipeline_sha256)
+        else:
+            query = query.order_by(RunRow.position).limit(1)
+        found = (await session.execute(query)).first()
+        if found is None:
+            if await self._pipeline_row(session, pipeline_sha256) is None:
+                raise NotFound(
+                    f"no pipeline has SHA-256 {pipeline_sha256}; register it with RegisterPipeline"
+                )
+            raise NotFound(
+                f"pipeline {pipeline_sha256[:12]} does not run on plate {plate.name!r}; add it with AddPlatePipeline"
+            )
+        run, pipeline = found
+        return plate, run, pipeline
+
+    async def list_sites(
+        self,
+        plate_name: str,
+        pipeline_sha256: str = "",
+        states: Sequence[SiteState] = (),
+        with_results: bool = False,
+    ) -> list[SiteJobInfo]:
+        async def work(session: AsyncSession) -> list[SiteJobInfo]:
+            plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
+            query = (
+                select(SiteJobRow, SiteRow.well, SiteRow.site)
+                .join(SiteRow, SiteRow.id == SiteJobRow.site_id)
+                .where(SiteJobRow.run_id == run.id)
+                .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
+            )
+            if states:
+                query = query.where(SiteJobRow.state.in_([int(s) for s in states]))
+            rows = await session.execute(query)
+            return [
+                _job_info(job, SiteKey(plate.name, well, site), pipeline.sha256, with_results)
+                for job, well, site in rows
+            ]
+
+        return await self._run(work)
+
+    async def requeue_sites(
+        self, plate_name: str, pipeline_sha256: str = "", sites: Sequence[tuple[str, int]] = ()
+    ) -> int:
+        """Puts the given sites' jobs (default: every FAILED job) back to READY,
+        keeping their attempt so that tasks already out are skipped as stale."""
+        keys = []
+        for well, site in sites:
+            keys.append((*_check(validate.parse_well, well), _check(validate.check_site, site)))
+
+        async def work(session: AsyncSession) -> tuple[int, str]:
+            plate, run, _pipeline = await self._resolve_run(
+                session, plate_name, pipeline_sha256, lock_plate=True
+            )
+            query = (
+                select(SiteJobRow, SiteRow.well, SiteRow.site)
+                .join(SiteRow, SiteRow.id == SiteJobRow.site_id)
+                .where(SiteJobRow.run_id == run.id)
+                .with_for_update(of=SiteJobRow)
+            )
+            if keys:
+                site_ids = await self._site_ids(session, plate.id, keys)
+                unknown = [
+                    validate.well_name(r, c) + f" site {s}" for r, c, s in keys if (r, c, s) not in site_ids
+                ]
+                if unknown:
+                    raise NotFound(f"plate {plate.name!r} has no {', '.join(unknown[:MAX_ERRORS_LISTED])}")
+                query = query.where(SiteJobRow.site_id.in_(list(site_ids.values())))
+            else:
+                query = query.where(SiteJobRow.state == int(SiteState.FAILED))
+            rows = (await session.execute(query)).all()
+            running = [_site_label(w, s) for job, w, s in rows if job.state == int(SiteState.RUNNING)]
+            if running:
+                raise FailedPrecondition(
+                    f"plate {plate.name!r}: {', '.join(running[:MAX_ERRORS_LISTED])} "
+                    f"{_plural(running, 'is', 'are')} running; wait for {_plural(running, 'it', 'them')} to finish"
+                )
+            counts = await self._channel_counts(session, [job.site_id for job, _w, _s in rows])
+            complete = [job for job, _w, _s in rows if counts.get(job.site_id, 0) == len(plate.channels)]
+            if keys:
+                incomplete = [
+                    _site_label(w, s)
+                    for job, w, s in rows
+                    if counts.get(job.site_id, 0) < len(plate.channels)
+                ]
+                if incomplete:
+                    raise FailedPrecondition(
+                        f"plate {plate.name!r}: {', '.join(incomplete[:MAX_ERRORS_LISTED])} "
+                        f"{_plural(incomplete, 'misses', 'miss')} channels; register them first"
+                    )
+            now = utcnow()
+            for part in chunks([job.id for job in complete]):
+                await session.execute(
+                    update(SiteJobRow)
+                    .where(SiteJobRow.id.in_(part))
+                    .values(_back_to_ready(now))
+                    .execution_options(synchronize_session=False)
+                )
+            return len(complete), plate.name
+
+        count, plate = await self._run(work)
+        self.changes.notify([plate])
+        return count
+
+    async def _channel_counts(self, session: AsyncSession, site_ids: Sequence[int]) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for part in chunks(sorted(set(site_ids))):
+            rows = await session.execute(
+                select(ImageRow.site_id, func.count())
+                .where(ImageRow.site_id.in_(part))
+                .group_by(ImageRow.site_id)
+            )
+            counts.update({site_id: n for site_id, n in rows})
+        return counts
+
+    # -- progress -----------------------------------------------------------------
+
+    async def get_progress(self, plate_name: str, pipeline_sha256: str = "") -> Progress:
+        async def work(session: AsyncSession) -> Progress:
+            plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
+            counts: dict[int, int] = defaultdict(int)
+            rows = await session.execute(
+                select(SiteJobRow.state, func.count())
+                .where(SiteJobRow.run_id == run.id)
+                .group_by(SiteJobRow.state)
+            )
+            for state, n in rows:
+                counts[state] = n
+            version = await session.scalar(
+                select(func.max(ReportRow.version)).where(ReportRow.run_id == run.id)
+            )
+            total = sum(counts.values())
+            unsettled = sum(counts[int(s)] for s in UNSETTLED)
+            return Progress(
+                plate=plate.name,
+                pipeline_sha256=pipeline.sha256,
+                total=total,
+                waiting=counts[int(SiteState.WAITING)],
+                ready=counts[int(SiteState.READY)] + counts[int(SiteState.CLAIMED)],
+                queued=counts[int(SiteState.QUEUED)],
+                running=counts[int(SiteState.RUNNING)],
+                done=counts[int(SiteState.DONE)],
+                failed=counts[int(SiteState.FAILED)],
+                report_version=version or 0,
+                complete=bool(
+                    plate.sites_known
+                    and total > 0
+                    and unsettled == 0
+                    and run.generation > 0
+                    and run.reduced_generation >= run.generation
+                ),
+            )
+
+        return await self._run(work)
+
+    # -- reduce --------------------------------------------------------------------
+
+    async def claim_reducible_runs(
+        self, scheduler_id: str, max_runs: int, lease_seconds: int = 0
+    ) -> list[RunClaim]:
+        """Claims runs whose sites are all settled and whose latest generation
+        has not been reduced (nor queued for reduction)."""
+        if not scheduler_id:
+            raise InvalidArgument("scheduler_id is required (who claims, for status and logs)")
+        if not 1 <= max_runs <= MAX_CLAIM_RUNS:
+            raise InvalidArgument(f"max_runs {max_runs} is out of range: ask for 1 to {MAX_CLAIM_RUNS} runs")
+        lease = _lease(lease_seconds)
+
+        async def work(session: AsyncSession) -> list[RunClaim]:
+            now = utcnow()
+            open_claim = or_(RunRow.reduce_claim_expires_at.is_(None), RunRow.reduce_claim_expires_at < now)
+            candidates = list(
+                await session.scalars(
+                    select(RunRow.id)
+                    .join(PlateRow, PlateRow.id == RunRow.plate_id)
+                    .where(
+                        PlateRow.sites_known.is_(True),
+                        RunRow.generation > RunRow.reduced_generation,
+                        RunRow.generation > RunRow.reduce_queued_generation,
+                        open_claim,
+                    )
+                    .order_by(RunRow.id)
+                )
+            )
+            if not candidates:
+                return []
+            claims: list[RunClaim] = []
+            for part in chunks(candidates, 200):
+                if len(claims) >= max_runs:
+                    break
+                runs = list(
+                    await session.scalars(
+                        select(RunRow)
+                        .where(RunRow.id.in_(part))
+                        .order_by(RunRow.id)
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+                for run in runs:
+                    if len(claims) >= max_runs:
+                        break
+                    live = run.reduce_claim_expires_at is not None and run.reduce_claim_expires_at >= now
+                    if (
+                        live
+                        or run.generation <= run.reduced_generation
+                        or run.generation <= run.reduce_queued_generation
+                    ):
+                        continue
+                    # Existence checks on the (run_id, state) index: they stop at
+                    # the first row, however large the run.
+                    if await self._run_has(session, run.id, UNSETTLED):
+                        continue
+                    plate = await session.get(PlateRow, run.plate_id)
+                    pipeline = await session.get(PipelineRow, run.pipeline_id)
+                    assert plate is not None and pipeline is not None
+                    if not plate.reduce_with_failures and await self._run_has(
+                        session, run.id, [SiteState.FAILED]
+                    ):
+                        continue
+                    run.reduce_claimed_by = scheduler_id[:200]
+                    run.reduce_claim_generation = run.generation
+                    run.reduce_claim_expires_at = now + timedelta(seconds=lease)
+                    claims.append(RunClaim(plate.name, pipeline.sha256, pipeline.key, run.generation))
+            return claims
+
+        return await self._run(work)
+
+    async def _run_has(self, session: AsyncSession, run_id: int, states: Sequence[SiteState]) -> bool:
+        found = await session.scalar(
+            select(SiteJobRow.id)
+            .where(SiteJobRow.run_id == run_id, SiteJobRow.state.in_([int(s) for s in states]))
+            .limit(1)
+        )
+        return found is not None
+
+    async def mark_runs_queued(self, scheduler_id: str, runs: Sequence[tuple[str, str, int]]) -> int:
+        """Records that reduce tasks of these (plate, pipeline, generation) are on the queue."""
+
+        async def work(session: AsyncSession) -> int:
+            marked = 0
+            for plate_name, sha, generation in runs:
+                try:
+                    _plate, run, _pipeline = await self._resolve_run(session, plate_name, sha)
+                except NotFound:
+                    continue
+                await session.refresh(run, with_for_update=True)
+                if run.reduce_claim_generation == generation and generation > run.reduce_queued_generation:
+                    run.reduce_queued_generation = generation
+                    run.reduce_claim_expires_at = None
+                    marked += 1
+            return marked
+
+        return await self._run(work)
+
+    async def register_report(self, report: Report) -> tuple[bool, Report]:
+        """Registers a plate report with the next version of its run; the same
+        generation twice returns the first one (recorded False)."""
+        _check_report(report)
+
+        async def work(session: AsyncSession) -> tuple[bool, Report]:
+            plate, run, pipeline = await self._resolve_run(session, report.plate, report.pipeline_sha256)
+            await session.refresh(run, with_for_update=True)
+            existing = await session.scalar(
+                select(ReportRow).where(ReportRow.run_id == run.id, ReportRow.generation == report.generation)
+            )
+            if existing is not None:
+                return False, _report(existing, plate.name, pipeline.sha256)
+            if report.generation > run.generation:
+                raise FailedPrecondition(
+                    f"generation {report.generation} is ahead of plate {plate.name!r}'s run, which is at "
+                    f"generation {run.generation}; report a generation from ClaimReducibleRuns"
+                )
+            if report.generation < run.reduced_generation:
+                raise FailedPrecondition(
+                    f"generation {report.generation} is older than the latest report's generation "
+                    f"{run.reduced_generation}; nothing was registered"
+                )
+            latest = await session.scalar(
+                select(func.max(ReportRow.version)).where(ReportRow.run_id == run.id)
+            )
+            row = ReportRow(
+                run_id=run.id,
+                version=(latest or 0) + 1,
+                generation=report.generation,
+                files=[
+                    {"name": f.name, "kind": f.kind, "key": f.key, "size": f.size, "sha256": f.sha256}
+                    for f in report.files
+                ],
+                wells=report.wells,
+                sites=report.sites,
+                missing_sites=[
+                    {"well": m.well, "site": m.site, "state": int(m.state or 0), "reason": m.reason}
+                    for m in report.missing_sites
+                ],
+                created_at=utcnow(),
+            )
+            session.add(row)
+            run.reduced_generation = report.generation
+            if run.reduce_claim_generation <= report.generation:
+                run.reduce_claim_expires_at = None
+            await session.flush()
+            return True, _report(row, plate.name, pipeline.sha256)
+
+        try:
+            recorded, stored = await self._run(work)
+        except IntegrityError:
+            # The same generation registered at the same moment by another reducer.
+            return False, await self._report_of_generation(report)
+        self.changes.notify([report.plate])
+        return recorded, stored
+
+    async def _report_of_generation(self, report: Report) -> Report:
+        async def work(session: AsyncSession) -> Report:
+            plate, run, pipeline = await self._resolve_run(session, report.plate, report.pipeline_sha256)
+            row = await session.scalar(
+                select(ReportRow).where(ReportRow.run_id == run.id, ReportRow.generation == report.generation)
+            )
+            if row is None:
+                raise FailedPrecondition("the report could not be registered; retry")
+            return _report(row, plate.name, pipeline.sha256)
+
+        return await self._run(work)
+
+    async def get_report(self, plate_name: str, pipeline_sha256: str = "", version: int = 0) -> Report:
+        if version < 0:
+            raise InvalidArgument(f"version {version} is negative; give a version or 0 for the latest")
+
+        async def work(session: AsyncSession) -> Report:
+            plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
+            query = select(ReportRow).where(ReportRow.run_id == run.id)
+            if version:
+                query = query.where(ReportRow.version == version)
+            else:
+                query = query.order_by(ReportRow.version.desc()).limit(1)
+            row = await session.scalar(query)
+            if row is None:
+                label = _pipeline_label(pipeline)
+                if version:
+                    latest = await session.scalar(
+                        select(func.max(ReportRow.version)).where(ReportRow.run_id == run.id)
+                    )
+                    raise NotFound(
+                        f"plate {plate.name} has no report version {version} for pipeline {label}"
+                        + (f" (the latest is {latest})" if latest else " (it has no report yet)")
+                    )
+                raise NotFound(f"plate {plate.name} has no report yet for pipeline {label}")
+            return _report(row, plate.name, pipeline.sha256)
+
+        return await self._run(work)
+
+    # -- maintenance (tests and benchmarks) ------------------------------------------------
+
+    async def delete_plate(self, plate_name: str) -> None:
+        """Deletes a plate and everything recorded about it (not its objects)."""
+
+        async def work(session: AsyncSession) -> None:
+            plate = await self._require_plate(session, plate_name, lock=True)
+            run_ids = list(await session.scalars(select(RunRow.id).where(RunRow.plate_id == plate.id)))
+            site_ids = select(SiteRow.id).where(SiteRow.plate_id == plate.id).scalar_subquery()
+            await session.execute(delete(ReportRow).where(ReportRow.run_id.in_(run_ids)))
+            await session.execute(delete(SiteJobRow).where(SiteJobRow.run_id.in_(run_ids)))
+            await session.execute(delete(ImageRow).where(ImageRow.site_id.in_(site_ids)))
+            await session.execute(delete(SiteRow).where(SiteRow.plate_id == plate.id))
+            await session.execute(delete(RunRow).where(RunRow.plate_id == plate.id))
+            await session.execute(delete(PlateRow).where(PlateRow.id == plate.id))
+
+        await self._run(work)
+        self.changes.notify([plate_name])
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0][:300]
+
+
+def _check(check: Callable[..., T], *args: Any) -> T:
+    try:
+        return check(*args)
+    except Invalid as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _lease(lease_seconds: int) -> int:
+    if lease_seconds == 0:
+        return DEFAULT_LEASE_SECONDS
+    if not 1 <= lease_seconds <= MAX_LEASE_SECONDS:
+        raise InvalidArgument(
+            f"lease_seconds {lease_seconds} is out of range: give 1 to {MAX_LEASE_SECONDS}, or 0 for {DEFAULT_LEASE_SECONDS}"
+        )
+    return lease_seconds
+
+
+def _check_channels(channels: Sequence[str]) -> list[str]:
+    if not channels:
+        raise InvalidArgument("channels are required: list the channels every site has, e.g. ['DNA', 'GFP']")
+    seen: set[str] = set()
+    for channel in channels:
+        _check(validate.check_channel_name, channel)
+        if channel in seen:
+            raise InvalidArgument(f"channel {channel!r} is listed twice; list each channel once")
+        seen.add(channel)
+    return list(channels)
+
+
+def _check_pipeline_fits(pipeline: PipelineRow, channels: Sequence[str], plate: str) -> None:
+    missing = [n for n in pipeline.image_names if n not in channels]
+    if missing:
+        names = _quoted(missing)
+        raise InvalidArgument(
+            f"pipeline {_pipeline_label(pipeline)} assigns {_plural(missing, 'image', 'images')} {names}, "
+            f"which plate {plate} does not declare; declare {_plural(missing, 'it as a channel', 'them as channels')} "
+            "or use another pipeline"
+        )
+
+
+def _layout_sites(layout: Layout) -> list[tuple[int, int, int]]:
+    """Every (row, column, site) a layout expects; raises InvalidArgument."""
+    if not 1 <= layout.rows <= validate.MAX_ROWS:
+        raise InvalidArgument(
+            f"layout rows {layout.rows} is out of range: give 1 to {validate.MAX_ROWS} (8 for 96 wells, 16 for 384, 32 for 1536)"
+        )
+    if not 1 <= layout.columns <= validate.MAX_COLUMNS:
+        raise InvalidArgument(
+            f"layout columns {layout.columns} is out of range: give 1 to {validate.MAX_COLUMNS} (12, 24 or 48)"
+        )
+    if not 1 <= layout.sites_per_well <= MAX_SITES_PER_WELL:
+        raise InvalidArgument(
+            f"layout sites_per_well {layout.sites_per_well} is out of range: give 1 to {MAX_SITES_PER_WELL}"
+        )
+    if layout.first_site < 0:
+        raise InvalidArgument(
+            f"layout first_site {layout.first_site} is negative: sites are numbered from 0 or 1"
+        )
+    if layout.wells:
+        wells: list[tuple[int, int]] = []
+        for well in layout.wells:
+            r, c = _check(validate.parse_well, well)
+            if r >= layout.rows or c > layout.columns:
+                raise InvalidArgument(
+                    f"layout well {well} is outside a plate of {layout.rows} rows x {layout.columns} columns"
+                )
+            if (r, c) in wells:
+                raise InvalidArgument(f"layout well {well} is listed twice; list each well once")
+            wells.append((r, c))
+    else:
+        wells = [(r, c) for r in range(layout.rows) for c in range(1, layout.columns + 1)]
+    if len(wells) * layout.sites_per_well > MAX_LAYOUT_SITES:
+        raise InvalidArgument(f"the layout expects more than {MAX_LAYOUT_SITES} sites; split the plate")
+    sites = range(layout.first_site, layout.first_site + layout.sites_per_well)
+    return [(r, c, s) for r, c in wells for s in sites]
+
+
+def _layout_json(layout: Layout) -> dict[str, Any]:
+    return {
+        "rows": layout.rows,
+        "columns": layout.columns,
+        "sites_per_well": layout.sites_per_well,
+        "first_site": layout.first_site,
+        "wells": list(layout.wells),
+    }
+
+
+def _layout(data: dict[str, Any] | None) -> Layout | None:
+    if data is None:
+        return None
+    return Layout(
+        rows=int(data["rows"]),
+        columns=int(data["columns"]),
+        sites_per_well=int(data["sites_per_well"]),
+        first_site=int(data["first_site"]),
+        wells=list(data.get("wells") or []),
+    )
+
+
+class _LayoutCheck:
+    """Is a (row, column, site) one a plate's layout expects?"""
+
+    def __init__(self, layout: Layout) -> None:
+        self.sites = range(layout.first_site, layout.first_site + layout.sites_per_well)
+        self.wells = {validate.parse_well(w) for w in layout.wells} if layout.wells else None
+        self.rows, self.columns = layout.rows, layout.columns
+
+    def __call__(self, row: int, col: int, site: int) -> bool:
+        if site not in self.sites:
+            return False
+        if self.wells is not None:
+            return (row, col) in self.wells
+        return row < self.rows and col <= self.columns
+
+
+def _check_images(images: Sequence[ImageIn]) -> list[tuple[int, int]]:
+    """Checks every image's own fields; returns each one's (row, column)."""
+    problems: list[str] = []
+    parsed: list[tuple[int, int]] = []
+    for n, img in enumerate(images):
+        try:
+            if not img.plate:
+                raise Invalid("site.plate is required (the plate's name)")
+            rc = validate.parse_well(img.well)
+            validate.check_site(img.site)
+            if not img.channel:
+                raise Invalid("channel is required")
+            validate.check_key(img.key, "object.key")
+            validate.check_sha256(img.sha256, "object.sha256")
+            validate.check_size(img.size, "object.size")
+            validate.check_file_name(img.file_name)
+        except Invalid as exc:
+            where = f"image {n} ({img.plate or '?'} {img.well or '?'} site {img.site} {img.channel or '?'})"
+            problems.append(f"{where}: {exc}")
+            rc = (0, 0)
+        parsed.append(rc)
+    if problems:
+        raise _invalid(problems)
+    return parsed
+
+
+def _check_against_plates(
+    images: Sequence[ImageIn], parsed: list[tuple[int, int]], plates: dict[str, PlateRow]
+) -> None:
+    problems: list[str] = []
+    channels = {name: set(p.channels) for name, p in plates.items()}
+    layouts = {
+        name: _LayoutCheck(lay) for name, p in plates.items() if (lay := _layout(p.layout)) is not None
+    }
+    for n, img in enumerate(images):
+        plate = plates[img.plate]
+        if img.channel not in channels[img.plate]:
+            where = f"image {n} ({img.plate} {img.well} site {img.site} {img.channel})"
+            problems.append(
+                f"{where}: channel {img.channel!r} is not one plate {plate.name} declares ({', '.join(plate.channels)})"
+            )
+            continue
+        in_layout = layouts.get(img.plate)
+        if in_layout is not None and not in_layout(*parsed[n], img.site):
+            where = f"image {n} ({img.plate} {img.well} site {img.site} {img.channel})"
+            problems.append(
+                f"{where}: well {img.well} site {img.site} is outside plate {plate.name}'s layout"
+            )
+    if problems:
+        raise _invalid(problems)
+
+
+def _missing_reason(channels: Sequence[str], have: set[str]) -> str:
+    if not have:
+        return "never imaged"
+    missing = [c for c in channels if c not in have]
+    return f"missing channel(s) {', '.join(missing)}"
+
+
+def _job_row(run_id: int, site_id: int, state: SiteState, ready_at: datetime | None) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "site_id": site_id,
+        "state": int(state),
+        "attempt": 0,
+        "ready_at": ready_at,
+        "failure_class": 0,
+    }
+
+
+def _back_to_ready(now: datetime) -> dict[str, Any]:
+    return {
+        "state": int(SiteState.READY),
+        "ready_at": now,
+        "claimed_by": None,
+        "claim_expires_at": None,
+        "failure_class": int(FailureClass.UNSPECIFIED),
+        "failure_reason": None,
+        "finished_at": None,
+        "results": None,
+        "provenance": None,
+    }
+
+
+def _pipeline_info(row: PipelineRow) -> PipelineInfo:
+    return PipelineInfo(
+        sha256=row.sha256,
+        key=row.key,
+        name=row.name,
+        modules=list(row.modules),
+        image_names=list(row.image_names),
+        tables=list(row.tables),
+        table_files=list(row.table_files),
+        created_at=row.created_at,
+    )
+
+
+def _plate_info(plate: PlateRow, pipelines: list[str]) -> PlateInfo:
+    return PlateInfo(
+        name=plate.name,
+        channels=list(plate.channels),
+        layout=_layout(plate.layout),
+        sites_known=plate.sites_known,
+        acquisition_finished=plate.acquisition_finished,
+        pipelines=pipelines,
+        reduce_with_failures=plate.reduce_with_failures,
+        created_at=plate.created_at,
+        image_count=plate.image_count,
+    )
+
+
+def _provenance_json(p: Provenance) -> dict[str, Any]:
+    return {
+        "cellprofiler_version": p.cellprofiler_version,
+        "pipeline_sha256": p.pipeline_sha256,
+        "input_sha256": list(p.input_sha256),
+        "worker_id": p.worker_id,
+        "download_seconds": p.download_seconds,
+        "run_seconds": p.run_seconds,
+        "upload_seconds": p.upload_seconds,
+        "object_counts": dict(p.object_counts),
+        "mode": p.mode,
+    }
+
+
+def _job_info(job: SiteJobRow, site: SiteKey, sha: str, with_results: bool) -> SiteJobInfo:
+    results = [ResultFile(**r) for r in (job.results or [])] if with_results else []
+    provenance = Provenance(**job.provenance) if with_results and job.provenance else None
+    return SiteJobInfo(
+        id=job.id,
+        site=site,
+        pipeline_sha256=sha,
+        state=SiteState(job.state),
+        attempt=job.attempt,
+        failure_class=FailureClass(job.failure_class),
+        failure_reason=job.failure_reason or "",
+        worker_id=job.worker_id or "",
+        ready_at=job.ready_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        results=results,
+        provenance=provenance,
+    )
+
+
+def _check_results(results: Sequence[ResultFile]) -> list[str]:
+    problems: list[str] = []
+    for n, r in enumerate(results):
+        try:
+            if not r.name:
+                raise Invalid(f"result {n} has no name (its path in the output folder, e.g. 'Image.csv')")
+            validate.check_key(r.key, f"result {r.name!r} key")
+            validate.check_sha256(r.sha256, f"result {r.name!r} sha256")
+            validate.check_size(r.size, f"result {r.name!r} size")
+        except Invalid as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _check_report(report: Report) -> None:
+    problems: list[str] = []
+    if report.generation < 1:
+        problems.append("generation is required: give the generation from the RunClaim being reduced")
+    if report.wells < 0 or report.sites < 0:
+        problems.append("wells and sites must not be negative")
+    for n, f in enumerate(report.files):
+        try:
+            if not f.name:
+                raise Invalid(f"file {n} has no name")
+            validate.check_key(f.key, f"file {f.name!r} key")
+            validate.check_sha256(f.sha256, f"file {f.name!r} sha256")
+            validate.check_size(f.size, f"file {f.name!r} size")
+        except Invalid as exc:
+            problems.append(str(exc))
+    for m in report.missing_sites:
+        try:
+            validate.check_well(m.well)
+            validate.check_site(m.site)
+        except Invalid as exc:
+            problems.append(f"missing site: {exc}")
+    if problems:
+        raise _invalid(problems)
+
+
+def _report(row: ReportRow, plate: str, sha: str) -> Report:
+    return Report(
+        plate=plate,
+        pipeline_sha256=sha,
+        generation=row.generation,
+        files=[ReportFile(**f) for f in row.files],
+        wells=row.wells,
+        sites=row.sites,
+        missing_sites=[
+            MissingSite(
+                m["well"],
+                int(m["site"]),
+                SiteState(m["state"]) if m.get("state") else None,
+                m.get("reason", ""),
+            )
+            for m in row.missing_sites
+        ],
+        version=row.version,
+        created_at=row.created_at,
+    )
+
+
+def _encode_token(position: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> list[Any]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        position = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if (
+            isinstance(position, list)
+            and len(position) == 4
+            and all(isinstance(v, int) for v in position[:3])
+            and isinstance(position[3], str)
+        ):
+            return position
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidArgument("page_token is not one this catalog issued; pass next_page_token unchanged")
+
+
+__all__ = [
+    "AlreadyExists",
+    "CatalogError",
+    "CatalogStore",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "Unavailable",
+    "make_engine",
+]

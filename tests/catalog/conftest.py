@@ -1,0 +1,60 @@
+"""A catalog on a real gRPC server (127.0.0.1, a free port) over the test's
+database (SQLite and MariaDB) and a fresh bucket on the project's S3 server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from cellmesh.catalog.v1 import catalog_pb2_grpc
+
+from services.catalog import migrate
+from services.catalog.servicer import SERVICE_NAME, CatalogServicer
+from services.catalog.store import CatalogStore
+from services.common.s3 import ObjectStore
+from services.common.server import GrpcServer, Registration
+from services.common.settings import S3Settings
+
+if TYPE_CHECKING:
+    from cellmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
+
+
+@dataclass
+class Catalog:
+    stub: CatalogServiceAsyncStub
+    store: CatalogStore
+    objects: ObjectStore
+    address: str
+    database_url: str
+
+
+@pytest.fixture
+async def catalog(database_url: str, s3_settings: S3Settings) -> AsyncIterator[Catalog]:
+    await migrate.upgrade(database_url)
+    store = CatalogStore.connect(database_url, max_attempts=3)
+    try:
+        async with ObjectStore(s3_settings) as objects:
+            await objects.ensure_bucket()
+            servicer = CatalogServicer(store, objects, watch_poll_seconds=0.5)
+            server = GrpcServer(
+                [Registration(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, servicer, SERVICE_NAME)],
+                host="127.0.0.1",
+                port=0,
+                grace_seconds=2,
+            )
+            port = await server.start()
+            await server.set_serving(True)
+            address = f"127.0.0.1:{port}"
+            try:
+                async with grpc.aio.insecure_channel(address) as channel:
+                    yield Catalog(
+                        catalog_pb2_grpc.CatalogServiceStub(channel), store, objects, address, database_url
+                    )
+            finally:
+                servicer.close()
+                await server.stop()
+    finally:
+        await store.close()

@@ -1,0 +1,226 @@
+"""What workers report: StartSiteJob, CompleteSiteJob, FailSiteJob, and
+ListSites/RequeueSites around them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import grpc
+from cellmesh.catalog.v1 import catalog_pb2
+from cellmesh.common.v1 import types_pb2
+
+from tests.catalog.conftest import Catalog
+from tests.catalog.kit import claim_all, new_plate, ready_sites, refused, result_file, run_to_done
+
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+RUN = catalog_pb2.START_DECISION_RUN
+SKIP_DONE = catalog_pb2.START_DECISION_SKIP_DONE
+SKIP_STALE = catalog_pb2.START_DECISION_SKIP_STALE
+FC = types_pb2
+
+
+async def start(
+    catalog: Catalog, job: int, attempt: int, worker: str = "w1"
+) -> catalog_pb2.StartSiteJobResponse:
+    return await catalog.stub.StartSiteJob(
+        catalog_pb2.StartSiteJobRequest(site_job_id=job, attempt=attempt, worker_id=worker)
+    )
+
+
+async def fail(
+    catalog: Catalog, job: int, attempt: int, cls: int, reason: str = "boom", final: bool = False
+) -> catalog_pb2.FailSiteJobResponse:
+    return await catalog.stub.FailSiteJob(
+        catalog_pb2.FailSiteJobRequest(
+            site_job_id=job,
+            attempt=attempt,
+            worker_id="w1",
+            failure_class=cast("types_pb2.FailureClass.ValueType", cls),
+            reason=reason,
+            final=final,
+        )
+    )
+
+
+async def one_site(catalog: Catalog) -> catalog_pb2.SiteClaim:
+    await new_plate(catalog.stub, "P1")
+    await ready_sites(catalog.stub, "P1", 1)
+    (claim,) = await claim_all(catalog.stub)
+    return claim
+
+
+async def site(catalog: Catalog, with_results: bool = False) -> catalog_pb2.SiteJob:
+    (s,) = (
+        await catalog.stub.ListSites(catalog_pb2.ListSitesRequest(plate="P1", with_results=with_results))
+    ).sites
+    return s
+
+
+async def test_start_complete_and_duplicates(catalog: Catalog) -> None:
+    claim = await one_site(catalog)
+    job, attempt = claim.site_job_id, claim.attempt
+    assert (await start(catalog, job, attempt)).decision == RUN
+    running = await site(catalog)
+    assert (
+        running.state == types_pb2.SITE_STATE_RUNNING
+        and running.worker_id == "w1"
+        and running.HasField("started_at")
+    )
+    # A redelivery after a worker crash runs again.
+    assert (await start(catalog, job, attempt, "w2")).decision == RUN
+    request = catalog_pb2.CompleteSiteJobRequest(
+        site_job_id=job,
+        attempt=attempt,
+        worker_id="w2",
+        results=[result_file(claim, "Image.csv"), result_file(claim, "Nuclei.csv")],
+        provenance=catalog_pb2.Provenance(
+            cellprofiler_version="4.2.8.1",
+            pipeline_sha256=claim.pipeline.sha256,
+            object_counts={"Nuclei": 289},
+            mode="warm",
+        ),
+    )
+    assert (await catalog.stub.CompleteSiteJob(request)).recorded
+    assert not (await catalog.stub.CompleteSiteJob(request)).recorded
+    done = await site(catalog, with_results=True)
+    assert done.state == types_pb2.SITE_STATE_DONE and done.HasField("finished_at")
+    assert [r.name for r in done.results] == ["Image.csv", "Nuclei.csv"]
+    assert done.results[0].object == request.results[0].object
+    assert done.provenance.object_counts["Nuclei"] == 289 and done.provenance.mode == "warm"
+    assert not (await site(catalog)).results  # only with_results
+    reply = await start(catalog, job, attempt)
+    assert reply.decision == SKIP_DONE and "done already" in reply.detail
+    # Failing a done site changes nothing.
+    failed = await fail(catalog, job, attempt, FC.FAILURE_CLASS_CP_PROBLEM)
+    assert not failed.will_retry and failed.state == types_pb2.SITE_STATE_DONE
+    with refused(grpc.StatusCode.NOT_FOUND, "site job 999999 does not exist"):
+        await start(catalog, 999_999, 1)
+
+
+async def test_stale_attempts_are_skipped_and_refused(catalog: Catalog) -> None:
+    await new_plate(catalog.stub, "P1")
+    await ready_sites(catalog.stub, "P1", 1)
+    (old,) = await claim_all(catalog.stub, lease=1)
+    await asyncio.sleep(1.2)
+    (new,) = await claim_all(catalog.stub)
+    assert (new.site_job_id, new.attempt) == (old.site_job_id, 2)
+    reply = await start(catalog, old.site_job_id, 1)
+    assert reply.decision == SKIP_STALE and "attempt 1 is stale, site is at attempt 2" in reply.detail
+    with refused(PRECONDITION, "attempt 1 is stale, site is at attempt 2"):
+        await catalog.stub.CompleteSiteJob(
+            catalog_pb2.CompleteSiteJobRequest(
+                site_job_id=old.site_job_id, attempt=1, results=[result_file(old, "Image.csv")]
+            )
+        )
+    with refused(PRECONDITION, "attempt 1 is stale, site is at attempt 2"):
+        await fail(catalog, old.site_job_id, 1, FC.FAILURE_CLASS_CP_PROBLEM)
+    with refused(PRECONDITION, "attempt 3 of site job", "never issued"):
+        await start(catalog, old.site_job_id, 3)
+    await run_to_done(catalog.stub, new)
+    assert (await site(catalog)).state == types_pb2.SITE_STATE_DONE
+
+
+async def test_bad_results_are_refused(catalog: Catalog) -> None:
+    claim = await one_site(catalog)
+    await start(catalog, claim.site_job_id, claim.attempt)
+    bad = result_file(claim, "Image.csv")
+    bad.object.sha256 = ""
+    with refused(grpc.StatusCode.INVALID_ARGUMENT, "result 'Image.csv' sha256 checksum is required"):
+        await catalog.stub.CompleteSiteJob(
+            catalog_pb2.CompleteSiteJobRequest(
+                site_job_id=claim.site_job_id, attempt=claim.attempt, results=[bad]
+            )
+        )
+    assert (await site(catalog)).state == types_pb2.SITE_STATE_RUNNING
+
+
+async def test_failures_retry_up_to_max_attempts(catalog: Catalog) -> None:
+    claim = await one_site(catalog)
+    job = claim.site_job_id
+    await start(catalog, job, 1)
+    transient = await fail(catalog, job, 1, FC.FAILURE_CLASS_TRANSIENT, "object store unreachable")
+    assert (transient.will_retry, transient.next_attempt, transient.state) == (
+        True,
+        1,
+        types_pb2.SITE_STATE_QUEUED,
+    )
+    assert (await start(catalog, job, 1)).decision == RUN
+    retry = await fail(catalog, job, 1, FC.FAILURE_CLASS_CP_PROBLEM, "module IdentifyPrimaryObjects failed")
+    assert (retry.will_retry, retry.next_attempt, retry.state) == (True, 2, types_pb2.SITE_STATE_QUEUED)
+    queued = await site(catalog)
+    assert queued.attempt == 2 and queued.failure_class == FC.FAILURE_CLASS_CP_PROBLEM
+    assert queued.failure_reason == "module IdentifyPrimaryObjects failed"
+    assert (await start(catalog, job, 1)).decision == SKIP_STALE
+    assert (await start(catalog, job, 2)).decision == RUN
+    retry = await fail(catalog, job, 2, FC.FAILURE_CLASS_TIMEOUT, "ran 600 s")
+    assert (retry.will_retry, retry.next_attempt) == (True, 3)
+    assert (await start(catalog, job, 3)).decision == RUN
+    last = await fail(
+        catalog, job, 3, FC.FAILURE_CLASS_OUTPUT_PROBLEM, "expected table Nuclei.csv is missing"
+    )
+    assert (last.will_retry, last.next_attempt, last.state) == (False, 3, types_pb2.SITE_STATE_FAILED)
+    failed = await site(catalog)
+    assert (
+        failed.state == types_pb2.SITE_STATE_FAILED
+        and failed.failure_class == FC.FAILURE_CLASS_OUTPUT_PROBLEM
+    )
+    assert failed.failure_reason == "expected table Nuclei.csv is missing" and failed.HasField("finished_at")
+    reply = await start(catalog, job, 3)
+    assert reply.decision == SKIP_STALE and "failed for good" in reply.detail
+
+
+async def test_some_failures_are_final_at_once(catalog: Catalog) -> None:
+    await new_plate(catalog.stub, "P1")
+    await ready_sites(catalog.stub, "P1", 3)
+    claims = await claim_all(catalog.stub)
+    for claim in claims:
+        await start(catalog, claim.site_job_id, 1)
+    input_problem = await fail(
+        catalog, claims[0].site_job_id, 1, FC.FAILURE_CLASS_INPUT_PROBLEM, "checksum mismatch"
+    )
+    bad_task = await fail(catalog, claims[1].site_job_id, 1, FC.FAILURE_CLASS_BAD_TASK, "unreadable task")
+    final = await fail(
+        catalog, claims[2].site_job_id, 1, FC.FAILURE_CLASS_CP_PROBLEM, "dead-lettered", final=True
+    )
+    for reply in (input_problem, bad_task, final):
+        assert (reply.will_retry, reply.state) == (False, types_pb2.SITE_STATE_FAILED)
+    with refused(grpc.StatusCode.INVALID_ARGUMENT, "failure_class is required"):
+        await fail(catalog, claims[0].site_job_id, 1, FC.FAILURE_CLASS_UNSPECIFIED)
+
+
+async def test_requeue(catalog: Catalog) -> None:
+    await new_plate(catalog.stub, "P1")
+    await ready_sites(catalog.stub, "P1", 3)
+    a, b, c = await claim_all(catalog.stub)
+    for claim in (a, b, c):
+        await start(catalog, claim.site_job_id, 1)
+    await fail(catalog, a.site_job_id, 1, FC.FAILURE_CLASS_INPUT_PROBLEM, "unreadable")
+    await run_to_done(catalog.stub, b)
+    with refused(PRECONDITION, f"{c.site.well} site 0 is running; wait for it to finish"):
+        await catalog.stub.RequeueSites(catalog_pb2.RequeueSitesRequest(plate="P1", sites=[c.site]))
+    with refused(grpc.StatusCode.NOT_FOUND, "plate 'P1' has no H01 site 0"):
+        await catalog.stub.RequeueSites(
+            catalog_pb2.RequeueSitesRequest(
+                plate="P1", sites=[types_pb2.SiteRef(plate="P1", well="H01", site=0)]
+            )
+        )
+    # Default: every FAILED site.
+    assert (await catalog.stub.RequeueSites(catalog_pb2.RequeueSitesRequest(plate="P1"))).requeued == 1
+    sites = {s.id: s for s in (await catalog.stub.ListSites(catalog_pb2.ListSitesRequest(plate="P1"))).sites}
+    again = sites[a.site_job_id]
+    assert again.state == types_pb2.SITE_STATE_READY and again.attempt == 1 and again.failure_reason == ""
+    # The old task of a requeued site is stale; the new claim has a new attempt.
+    assert (await start(catalog, a.site_job_id, 1)).decision == SKIP_STALE
+    # A done site can be run again on request.
+    assert (
+        await catalog.stub.RequeueSites(catalog_pb2.RequeueSitesRequest(plate="P1", sites=[b.site]))
+    ).requeued == 1
+    claims = {cl.site_job_id: cl.attempt for cl in await claim_all(catalog.stub)}
+    assert claims == {a.site_job_id: 2, b.site_job_id: 2}
+    ready = (
+        await catalog.stub.ListSites(
+            catalog_pb2.ListSitesRequest(plate="P1", states=[types_pb2.SITE_STATE_RUNNING])
+        )
+    ).sites
+    assert [s.id for s in ready] == [c.site_job_id]
