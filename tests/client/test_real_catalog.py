@@ -1,0 +1,117 @@
+"""The command line against the real catalog (SQLite and MariaDB) and the
+project's S3 server: register ExampleHuman's pipeline, create its plate,
+ingest its images twice, list its sites; errors come through unchanged.
+
+The catalog serves from this test's event loop; each command runs in a
+thread of its own, as it would in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cellmesh.catalog.v1 import catalog_pb2_grpc
+from cellmesh.cli import main
+from cellmesh.client import CellmeshClient
+
+from services.catalog import migrate
+from services.catalog.servicer import SERVICE_NAME, CatalogServicer
+from services.catalog.store import CatalogStore
+from services.common.s3 import ObjectStore
+from services.common.server import GrpcServer, Registration
+from services.common.settings import S3Settings
+
+HUMAN = r"_(?P<Well>[A-P]\d{2})f(?P<Site>\d{2})d(?P<Channel>\d)\.tif$"
+
+
+@pytest.fixture
+async def catalog_address(database_url: str, s3_settings: S3Settings) -> AsyncIterator[str]:
+    await migrate.upgrade(database_url)
+    store = CatalogStore.connect(database_url, max_attempts=3)
+    try:
+        async with ObjectStore(s3_settings) as objects:
+            await objects.ensure_bucket()
+            servicer = CatalogServicer(store, objects, watch_poll_seconds=0.2)
+            server = GrpcServer(
+                [Registration(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, servicer, SERVICE_NAME)],
+                host="127.0.0.1",
+                port=0,
+                grace_seconds=2,
+            )
+            port = await server.start()
+            await server.set_serving(True)
+            try:
+                yield f"127.0.0.1:{port}"
+            finally:
+                servicer.close()
+                await server.stop()
+    finally:
+        await store.close()
+
+
+async def test_cli_against_the_real_catalog(
+    catalog_address: str,
+    s3_settings: S3Settings,
+    shared_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_settings.endpoint_url or "")
+    monkeypatch.setenv("S3_BUCKET", s3_settings.bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_settings.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_settings.secret_key)
+    human = shared_data / "example_human"
+
+    async def cellmesh(*args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["--catalog", catalog_address, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = await cellmesh("pipeline", "register", str(human / "ExampleHuman.cppipe"))
+    assert code == 0, err
+    assert "channels  DNA, PH3, cellbody" in out
+    sha = out.split("sha256    ")[1].split()[0]
+
+    code, _, err = await cellmesh(
+        "pipeline",
+        "register",
+        str(shared_data / "bbbc013_translocation_plate" / "derived" / "ExampleSBS_cp4.cppipe"),
+    )
+    assert code == 1 and err.startswith("error: INVALID_ARGUMENT: ") and "CalculateStatistics" in err
+
+    code, out, err = await cellmesh(
+        "plate", "create", "human", "--channels", "DNA,PH3,cellbody", "--pipeline", sha[:10], "--wells", "D03"
+    )
+    assert code == 0, err
+
+    args = ["ingest", str(human / "images"), "--plate", "human", "--pattern", HUMAN]
+    args += ["--channel-map", "0=DNA,1=PH3,2=cellbody", "--quiet"]
+    code, out, err = await cellmesh(*args)
+    assert code == 0, err
+    assert "uploaded            3 (0.8 MB)" in out
+    assert "registered          3 new, 0 replaced, 0 unchanged" in out
+    assert "sites made ready    1" in out.splitlines()
+
+    code, out, err = await cellmesh(*args)
+    assert code == 0, err
+    assert "uploaded            0 (0.0 MB)" in out
+    assert "skipped             3 (3 already registered, 0 already stored)" in out
+
+    async with CellmeshClient(catalog_address) as client:
+        images = await client.list_images("human")
+        # (well, site, channel) order; channel order follows the database's collation
+        assert sorted((i.site.well, i.site.site, i.channel, i.object.key) for i in images) == [
+            ("D03", 0, c, f"images/human/D03/s0/{c}/AS_09125_050116030001_D03f00d{n}.tif")
+            for n, c in enumerate(["DNA", "PH3", "cellbody"])
+        ]
+        assert (await client.get_plate("human")).image_count == 3
+
+    code, out, err = await cellmesh("sites", "human")
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:3] == ["D03", "0", "ready"]
+
+    code, out, err = await cellmesh("plate", "show", "nope")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: NOT_FOUND: ")
