@@ -77,13 +77,6 @@ class Decision(IntEnum):
 
 
 @dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
 class PipelineInfo:
     sha256: str
     key: str

@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, delete, event, func, insert, or_, select, tuple_, update
+from sqlalchemy import Table, event, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -235,10 +235,6 @@ class CatalogStore:
             try:
                 async with self._serialised(), self._sessions() as session, session.begin():
                     return await work(session)
-            except CatalogError:
-                raise
-            except IntegrityError:
-                raise
             except (OperationalError, InterfaceError, PoolTimeout) as exc:
                 if attempt <= retries and self._retryable(exc):
                     log.info("retrying a unit of work after %s", _short(exc))
@@ -1531,25 +1527,6 @@ class CatalogStore:
             return _report(row, plate.name, pipeline.sha256)
 
         return await self._run(work)
-
-    # -- maintenance (tests and benchmarks) ------------------------------------------------
-
-    async def delete_plate(self, plate_name: str) -> None:
-        """Deletes a plate and everything recorded about it (not its objects)."""
-
-        async def work(session: AsyncSession) -> None:
-            plate = await self._require_plate(session, plate_name, lock=True)
-            run_ids = list(await session.scalars(select(RunRow.id).where(RunRow.plate_id == plate.id)))
-            site_ids = select(SiteRow.id).where(SiteRow.plate_id == plate.id).scalar_subquery()
-            await session.execute(delete(ReportRow).where(ReportRow.run_id.in_(run_ids)))
-            await session.execute(delete(SiteJobRow).where(SiteJobRow.run_id.in_(run_ids)))
-            await session.execute(delete(ImageRow).where(ImageRow.site_id.in_(site_ids)))
-            await session.execute(delete(SiteRow).where(SiteRow.plate_id == plate.id))
-            await session.execute(delete(RunRow).where(RunRow.plate_id == plate.id))
-            await session.execute(delete(PlateRow).where(PlateRow.id == plate.id))
-
-        await self._run(work)
-        self.changes.notify([plate_name])
 
 
 # -- helpers -----------------------------------------------------------------------
