@@ -10,11 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 from cellmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 
-from services.common import logs
+from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, topology_from
 from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
@@ -74,7 +73,7 @@ async def main(v: dict[str, Any]) -> None:
     work = Path(v["WORK_DIR"])
     runners = make_runners(v)
     async with (
-        grpc.aio.insecure_channel(v["CATALOG_ADDR"]) as channel,
+        channels.insecure_channel(v["CATALOG_ADDR"]) as channel,
         ObjectStore(S3Settings.from_env()) as store,
     ):
         consumer = SiteConsumer(

@@ -8,13 +8,15 @@ import asyncio
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
 from services.common import synth
-from services.common.s3 import ObjectStore
+from services.common.retry import with_backoff
+from services.common.s3 import ObjectStore, ObjectStoreError
 
 
 def plate_wells(rows: int, columns: int) -> list[str]:
@@ -73,7 +75,11 @@ async def acquire(
         for site, channel in events[i : i + batch]:
             path = site.files[channel]
             key = f"images/{plate}/{site.well}/s{site.site}/{channel}/{path.name}"
-            stored = await store.put_file(key, path, "image/tiff")
+            stored = await with_backoff(
+                partial(store.put_file, key, path, "image/tiff"),
+                f"uploading {path.name}",
+                transient=lambda exc: isinstance(exc, ObjectStoreError),
+            )
             regs.append(
                 catalog_pb2.ImageRegistration(
                     site=types_pb2.SiteRef(plate=plate, well=site.well, site=site.site),
@@ -82,7 +88,10 @@ async def acquire(
                     file_name=path.name,
                 )
             )
-        await catalog.RegisterImages(catalog_pb2.RegisterImagesRequest(images=regs), timeout=60)
+        await with_backoff(
+            partial(catalog.RegisterImages, catalog_pb2.RegisterImagesRequest(images=regs), timeout=60),
+            "registering images",
+        )
         count += len(regs)
         await asyncio.sleep(len(regs) / images_per_second)
     return count

@@ -10,11 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 
-from services.common import logs
+from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, topology_from
 from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
@@ -38,7 +37,7 @@ VARS = (
 async def main(v: dict[str, Any]) -> None:
     stop = stop_event_on_signals()
     async with (
-        grpc.aio.insecure_channel(v["CATALOG_ADDR"]) as channel,
+        channels.insecure_channel(v["CATALOG_ADDR"]) as channel,
         ObjectStore(S3Settings.from_env()) as store,
     ):
         reducer = Reducer(catalog_pb2_grpc.CatalogServiceStub(channel), store, Path(v["WORK_DIR"]))

@@ -9,11 +9,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 from cellmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from services.common import logs
+from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, Topology, topology_from
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
 from services.common.settings import COMMON_VARS, Var, load, port, positive_float, positive_int
@@ -46,7 +45,7 @@ class Settings:
 async def main(settings: Settings) -> None:
     v = settings.values
     stop = stop_event_on_signals()
-    async with grpc.aio.insecure_channel(v["CATALOG_ADDR"]) as channel:
+    async with channels.insecure_channel(v["CATALOG_ADDR"]) as channel:
         scheduler = Scheduler(
             catalog_pb2_grpc.CatalogServiceStub(channel),
             v["AMQP_URL"],

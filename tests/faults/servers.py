@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,10 @@ from tests.conftest import free_port, wait_port
 class PrivateRabbit:
     """A RabbitMQ node of its own (≈5 s to start)."""
 
-    def __init__(self, base: Path, consumer_timeout_ms: int | None = None) -> None:
+    def __init__(self, consumer_timeout_ms: int | None = None) -> None:
+        # The server runs as the rabbitmq user: its folders must be its own
+        # (pytest's tmp_path is not reachable for it).
+        base = Path(tempfile.mkdtemp(prefix="cellmesh-rabbit-"))
         self.base = base
         self.port = free_port()
         self.dist_port = free_port()
@@ -31,6 +36,10 @@ class PrivateRabbit:
         if consumer_timeout_ms is not None:
             conf += f"consumer_timeout = {consumer_timeout_ms}\n"
         (base / "rabbitmq.conf").write_text(conf)
+        with contextlib.suppress(KeyError):
+            owner = pwd.getpwnam("rabbitmq")
+            for path in (base, base / "enabled_plugins", base / "rabbitmq.conf"):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
         self.env = {
             **os.environ,
             "RABBITMQ_NODENAME": self.node,

@@ -104,8 +104,9 @@ async def test_scheduler_killed_between_publish_and_record(tmp_path: Path) -> No
             await wait_complete(catalog, "S1", 300, mesh)
             jobs = await assert_nothing_lost(catalog, store, "S1", 6)
             assert all(j.state == types_pb2.SITE_STATE_DONE for j in jobs)
-            # The tasks published before the kill were skipped as stale, not run twice.
-            assert all(j.attempt >= 2 for j in jobs)
+            # The sites published before the kill were claimed again after
+            # their lease ran out; their first tasks were skipped as stale.
+            assert any(j.attempt >= 2 for j in jobs)
     finally:
         await stop_mesh(mesh)
 
@@ -131,7 +132,7 @@ async def test_catalog_stopped_while_workers_finish(tmp_path: Path) -> None:
 
 
 async def test_rabbitmq_restarted_with_tasks_queued_and_in_flight(tmp_path: Path) -> None:
-    with PrivateRabbit(tmp_path / "rabbit").running() as rabbit:
+    with PrivateRabbit().running() as rabbit:
         mesh = await start_mesh(options(tmp_path, workers=1, amqp_url=rabbit.url))
         try:
             async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
