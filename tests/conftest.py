@@ -54,7 +54,9 @@ def require_port(host: str, port: int, what: str, how: str) -> None:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"the shared data folder {SHARED_DATA} is missing (set CELLMESH_SHARED_DATA)", pytrace=False)
+        pytest.fail(
+            f"the shared data folder {SHARED_DATA} is missing (set CELLMESH_SHARED_DATA)", pytrace=False
+        )
     return SHARED_DATA
 
 
@@ -84,7 +86,9 @@ def s3_settings(s3_endpoint: str) -> S3Settings:
 @pytest.fixture(scope="session")
 def mariadb_server() -> tuple[str, int]:
     require_port(
-        MARIADB_HOST, MARIADB_PORT, "MariaDB",
+        MARIADB_HOST,
+        MARIADB_PORT,
+        "MariaDB",
         'start-stop-daemon --start --oknodo --background --exec "$(command -v mariadbd)"',
     )
     return MARIADB_HOST, MARIADB_PORT
