@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import logging
+import re
 import sys
 import time
 import uuid
@@ -29,6 +30,26 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 NUCLEI_PIPELINE = REPO / "examples" / "pipelines" / "nuclei.cppipe"
+BBBC013_PIPELINE = REPO / "examples" / "pipelines" / "bbbc013_nuclei.cppipe"
+BBBC013_NAME = re.compile(
+    r"^Channel(?P<Channel>[12])-(?P<Number>\d+)-(?P<WellRow>[A-H])-(?P<WellColumn>\d{2})\.tif$"
+)
+BBBC013_CHANNELS = {"1": "GFP", "2": "DNA"}
+
+
+def bbbc013_sites(shared_data: Path) -> list[microscope.SiteImages]:
+    """The real BBBC013 half plate (rows A-D, one site per well) as a
+    microscope would deliver it; nuclei counts are not known beforehand."""
+    folder = shared_data / "bbbc013_translocation_plate" / "images"
+    if not folder.is_dir():
+        raise RuntimeError(f"BBBC013 images not found in {folder} (set CELLMESH_SHARED_DATA)")
+    wells: dict[str, dict[str, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        m = BBBC013_NAME.match(path.name)
+        if m:
+            well = f"{m['WellRow']}{m['WellColumn']}"
+            wells.setdefault(well, {})[BBBC013_CHANNELS[m["Channel"]]] = path
+    return [microscope.SiteImages(well, 0, -1, files) for well, files in sorted(wells.items())]
 
 
 @dataclass
@@ -226,27 +247,47 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
         )
         async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            real = options.example == "bbbc013"
+            pipeline_file = BBBC013_PIPELINE if real else NUCLEI_PIPELINE
             pipeline = await catalog.RegisterPipeline(
-                catalog_pb2.RegisterPipelineRequest(name="nuclei", content=NUCLEI_PIPELINE.read_bytes())
+                catalog_pb2.RegisterPipelineRequest(
+                    name=pipeline_file.stem, content=pipeline_file.read_bytes()
+                )
             )
-            wells = microscope.plate_wells(options.rows, options.columns)
+            if real:
+                sites = bbbc013_sites(options.shared_data)
+                layout = catalog_pb2.PlateLayout(
+                    wells=[s.well for s in sites], rows=8, columns=12, sites_per_well=1, first_site=0
+                )
+                print(
+                    f"plate {plate}: BBBC013, {len(sites)} wells x 1 site, channels DNA+GFP", file=sys.stderr
+                )
+            else:
+                wells = microscope.plate_wells(options.rows, options.columns)
+                layout = catalog_pb2.PlateLayout(
+                    rows=options.rows, columns=options.columns, sites_per_well=options.sites, first_site=0
+                )
+                print(
+                    f"plate {plate}: {len(wells)} wells x {options.sites} sites, channels DNA+GFP; generating images",
+                    file=sys.stderr,
+                )
+                sites = await asyncio.to_thread(
+                    microscope.generate_plate,
+                    images_dir,
+                    plate,
+                    wells,
+                    options.sites,
+                    options.size,
+                    options.seed,
+                )
             await catalog.CreatePlate(
                 catalog_pb2.CreatePlateRequest(
                     name=plate,
                     channels=list(synth.CHANNELS),
-                    layout=catalog_pb2.PlateLayout(
-                        rows=options.rows, columns=options.columns, sites_per_well=options.sites, first_site=0
-                    ),
+                    layout=layout,
                     pipeline_sha256=pipeline.pipeline.ref.sha256,
                     reduce_with_failures=True,
                 )
-            )
-            print(
-                f"plate {plate}: {len(wells)} wells x {options.sites} sites, channels DNA+GFP; generating images",
-                file=sys.stderr,
-            )
-            sites = await asyncio.to_thread(
-                microscope.generate_plate, images_dir, plate, wells, options.sites, options.size, options.seed
             )
             feeder = asyncio.create_task(
                 microscope.acquire(store, catalog, plate, sites, options.rate, options.seed)
@@ -256,19 +297,29 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
             report = (await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate=plate))).report
             out_dir = options.run_dir / "report"
             fetched = await fetch_report(store, report, out_dir)
+            jobs = (
+                await catalog.ListSites(catalog_pb2.ListSitesRequest(plate=plate, with_results=True))
+            ).sites
             truth: dict[str, int] = {}
-            for s in sites:
-                truth[s.well] = truth.get(s.well, 0) + s.nuclei
+            if real:
+                # No drawn truth: the per-well counts must equal the sum of the
+                # per-site counts CellProfiler reported.
+                for job in jobs:
+                    if job.state == types_pb2.SITE_STATE_DONE:
+                        count = job.provenance.object_counts.get("Nuclei", 0)
+                        truth[job.site.well] = truth.get(job.site.well, 0) + count
+            else:
+                for s in sites:
+                    truth[s.well] = truth.get(s.well, 0) + s.nuclei
             counts = read_cells_per_well(fetched)
             summary = summarize(
                 plate, progress, report, out_dir, fetched, truth, counts, time.perf_counter() - t_start
             )
-            failed = await catalog.ListSites(
-                catalog_pb2.ListSitesRequest(plate=plate, states=[types_pb2.SITE_STATE_FAILED])
-            )
+            summary["truth"] = "the sum of per-site Count_Nuclei" if real else "nuclei drawn by the generator"
+            failed = [j for j in jobs if j.state == types_pb2.SITE_STATE_FAILED]
             summary["failed_sites"] = [
                 f"{j.site.well}/s{j.site.site}: {types_pb2.FailureClass.Name(j.failure_class)}: {j.failure_reason}"
-                for j in failed.sites
+                for j in failed
             ]
         print_summary(summary)
         return summary
@@ -340,7 +391,8 @@ def print_summary(s: dict[str, Any]) -> None:
         "",
         f"plate {s['plate']}: {s['sites_done']}/{s['sites_total']} sites done, {s['sites_failed']} failed "
         f"in {s['wall_seconds']} s (report v{s['report_version']})",
-        f"nuclei per well vs ground truth: {s['wells_matching_ground_truth']}/{s['wells']} wells match exactly",
+        f"nuclei per well vs {s.get('truth', 'ground truth')}: "
+        f"{s['wells_matching_ground_truth']}/{s['wells']} wells match exactly",
         f"heatmap: {', '.join(s['heatmaps']) or '(none)'}",
         f"tables in: {s['report_dir']}",
     ]
