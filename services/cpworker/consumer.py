@@ -40,6 +40,7 @@ class WorkerStats:
     sites_done: int = 0
     sites_failed: int = 0
     duplicates_skipped: int = 0
+    redelivered: int = 0
 
 
 class SiteConsumer:
@@ -147,6 +148,9 @@ class SiteConsumer:
             delivery.requeue()
             return
         site = f"{claim.site.plate}/{claim.site.well}/s{claim.site.site} attempt {claim.attempt}"
+        if delivery.redelivered:
+            self.stats.redelivered += 1
+            log.info("redelivered task: %s (delivery count %d)", site, delivery.delivery_count)
         try:
             start = await self._catalog(
                 "starting a site job",
