@@ -83,7 +83,8 @@ class SiteConsumer:
             self._conn = conn
             tag = ""
             try:
-                tag = await conn.consume(self.topology.queue("sites"), self.slots, self._on_task)
+                # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
+                tag = await conn.consume(self.topology.queue("sites"), 2 * self.slots, self._on_task)
                 log.info("taking site tasks (%d slot(s))", self.slots)
                 stopping = asyncio.ensure_future(stop.wait())
                 closed = asyncio.ensure_future(conn.closed.wait())
@@ -176,11 +177,7 @@ class SiteConsumer:
 
         phase = Phase(claim)
         self.active[claim.site_job_id] = phase
-        runner = await self._runners.get()
-        try:
-            outcome = await self.processor.process(claim, runner, phase)
-        finally:
-            self._runners.put_nowait(runner)
+        outcome = await self.processor.process(claim, self._runners, phase)
         try:
             phase.name = "registering"
             if isinstance(outcome, Success):

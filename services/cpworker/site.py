@@ -14,9 +14,11 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
@@ -27,6 +29,7 @@ from services.common.s3 import ChecksumMismatch, ObjectMissing, ObjectStore, Obj
 log = logging.getLogger(__name__)
 
 FC = types_pb2.FailureClass
+T = TypeVar("T")
 
 
 class RunResultLike(Protocol):
@@ -140,6 +143,19 @@ def object_counts(output_dir: Path) -> dict[str, int]:
     return {}
 
 
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the others, so no
+    transfer goes on writing into a folder that is being removed."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class PipelineCache:
     """Pipelines fetched by SHA-256 once per worker, kept on disk."""
 
@@ -188,36 +204,39 @@ class SiteProcessor:
         )
 
     async def process(
-        self, claim: catalog_pb2.SiteClaim, runner: SiteRunner, phase: Phase
+        self, claim: catalog_pb2.SiteClaim, runners: asyncio.Queue[SiteRunner], phase: Phase
     ) -> Success | Failure:
         self.work_root.mkdir(parents=True, exist_ok=True)
         workdir = Path(
             tempfile.mkdtemp(prefix=f"site{claim.site_job_id}-a{claim.attempt}-", dir=self.work_root)
         )
         try:
-            return await self._process(claim, runner, phase, workdir)
+            return await self._process(claim, runners, phase, workdir)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
     async def _process(
-        self, claim: catalog_pb2.SiteClaim, runner: SiteRunner, phase: Phase, workdir: Path
+        self, claim: catalog_pb2.SiteClaim, runners: asyncio.Queue[SiteRunner], phase: Phase, workdir: Path
     ) -> Success | Failure:
+        """Fetches inputs, waits for a free CellProfiler, runs it, and gives it
+        back before storing the outputs: with two tasks per slot, one site's
+        transfers overlap another site's CellProfiler run."""
         in_dir, out_dir = workdir / "in", workdir / "out"
         in_dir.mkdir()
         out_dir.mkdir()
         t0 = time.perf_counter()
-        files: list[Path] = []
+        files = [in_dir / safe_file_name(image) for image in claim.images]
         try:
-            for image in claim.images:
-                path = in_dir / safe_file_name(image)
-                await self._s3(
+            downloads = [
+                self._s3(
                     f"download {image.object.key}",
-                    lambda image=image, path=path: self.store.get_file(
-                        image.object.key, path, image.object.sha256
-                    ),
+                    partial(self.store.get_file, image.object.key, path, image.object.sha256),
                 )
-                files.append(path)
-            pipeline = await self._s3("download pipeline", lambda: self.pipelines.get(claim.pipeline))
+                for image, path in zip(claim.images, files, strict=True)
+            ]
+            pipeline, *_ = await gather_or_cancel(
+                self._s3("download pipeline", partial(self.pipelines.get, claim.pipeline)), *downloads
+            )
         except ObjectMissing as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
         except ChecksumMismatch as exc:
@@ -229,8 +248,13 @@ class SiteProcessor:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
         download_s = time.perf_counter() - t0
 
-        phase.name = "running"
-        result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
+        phase.name = "waiting for CellProfiler"
+        runner = await runners.get()
+        try:
+            phase.name = "running"
+            result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
+        finally:
+            runners.put_nowait(runner)
         if not result.ok:
             cls = FC.FAILURE_CLASS_TIMEOUT if result.timed_out else FC.FAILURE_CLASS_CP_PROBLEM
             return Failure(cls, result.reason or "CellProfiler failed")
@@ -241,26 +265,25 @@ class SiteProcessor:
         phase.name = "uploading"
         t2 = time.perf_counter()
         prefix = result_prefix(claim)
-        results: list[catalog_pb2.ResultFile] = []
+        outputs = sorted(p for p in out_dir.rglob("*") if p.is_file())
+        names = [p.relative_to(out_dir).as_posix() for p in outputs]
         try:
-            for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-                rel = path.relative_to(out_dir).as_posix()
-                stored = await self._s3(
-                    f"upload {rel}",
-                    lambda rel=rel, path=path: self.store.put_file(
-                        f"{prefix}/{rel}", path, _content_type(path)
-                    ),
-                )
-                results.append(
-                    catalog_pb2.ResultFile(
-                        name=rel,
-                        object=types_pb2.ObjectRef(
-                            key=stored.key,  # type: ignore[attr-defined]
-                            size=stored.size,  # type: ignore[attr-defined]
-                            sha256=stored.sha256,  # type: ignore[attr-defined]
-                        ),
+            stored = await gather_or_cancel(
+                *(
+                    self._s3(
+                        f"upload {name}",
+                        partial(self.store.put_file, f"{prefix}/{name}", path, _content_type(path)),
                     )
+                    for name, path in zip(names, outputs, strict=True)
                 )
+            )
+            results = [
+                catalog_pb2.ResultFile(
+                    name=name,
+                    object=types_pb2.ObjectRef(key=obj.key, size=obj.size, sha256=obj.sha256),  # type: ignore[attr-defined]
+                )
+                for name, obj in zip(names, stored, strict=True)
+            ]
         except GaveUp as exc:
             return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
         upload_s = time.perf_counter() - t2
