@@ -159,7 +159,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"\n{n_sites} sites of {args.size}x{args.size} px, 2 channels, nuclei pipeline; {cores} cores\n")
     print(
-        "| run | sites/min | wall s | CP s/site | in-worker overhead s/site (% of CP) | end-to-end overhead s/site (% of CP) | failed |"
+        "| run | sites/min | wall s | CP s/site | transfers s/site (overlapped) | overhead s/site (% of CP) | failed |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(

@@ -31,6 +31,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from services.common.retry import sleep_unless
 from services.common.settings import Var, positive_int
 
 log = logging.getLogger(__name__)
@@ -441,11 +442,7 @@ async def connect_with_backoff(
             if stop is not None and stop.is_set():
                 raise BrokerUnavailable("stopped while connecting to the broker") from exc
             log.warning("broker not reachable (%s); retrying in %.1f s", exc, delay)
-            if stop is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-            else:
-                await asyncio.sleep(delay)
+            await sleep_unless(stop, delay)
             delay = min(delay * 2, max_delay)
 
 

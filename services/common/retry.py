@@ -23,6 +23,25 @@ class GaveUp(RuntimeError):
     """Retries ran out (or the service is stopping) before the call succeeded."""
 
 
+async def sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
+    """Sleeps, returning early if `stop` is set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def wait_first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Returns when any of the events is set (or after `timeout`)."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
@@ -57,11 +76,7 @@ async def with_backoff(
                 raise GaveUp(f"{what}: still failing after {attempt} tries: {exc}") from exc
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("%s failed (%s); retrying with backoff", what, _short(exc))
-            if stop is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-            else:
-                await asyncio.sleep(delay)
+            await sleep_unless(stop, delay)
             delay = min(delay * 2, max_delay)
 
 

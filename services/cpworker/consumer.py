@@ -26,7 +26,7 @@ from services.common.amqp import (
     Topology,
     connect_with_backoff,
 )
-from services.common.retry import GaveUp, with_backoff
+from services.common.retry import GaveUp, wait_first, with_backoff
 from services.cpworker.site import Failure, Phase, SiteProcessor, SiteRunner, Success
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,7 @@ class SiteConsumer:
                 # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
                 tag = await conn.consume(self.topology.queue("sites"), 2 * self.slots, self._on_task)
                 log.info("taking site tasks (%d slot(s))", self.slots)
-                stopping = asyncio.ensure_future(stop.wait())
-                closed = asyncio.ensure_future(conn.closed.wait())
-                await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                closed.cancel()
+                await wait_first(stop, conn.closed)
                 if stop.is_set():
                     await self._drain(conn, tag, grace_seconds)
             except BrokerUnavailable as exc:

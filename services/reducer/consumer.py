@@ -13,7 +13,7 @@ from cellmesh.tasks.v1 import tasks_pb2
 from google.protobuf.message import DecodeError
 
 from services.common.amqp import AmqpConnection, BrokerUnavailable, Delivery, Topology, connect_with_backoff
-from services.common.retry import is_transient, with_backoff
+from services.common.retry import is_transient, wait_first, with_backoff
 from services.common.s3 import ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,7 @@ class ReduceConsumer:
                 break
             try:
                 tag = await conn.consume(self.topology.queue("reduce"), 1, self._on_task)
-                stopping = asyncio.ensure_future(stop.wait())
-                closed = asyncio.ensure_future(conn.closed.wait())
-                await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                closed.cancel()
+                await wait_first(stop, conn.closed)
                 await conn.cancel(tag)
             except BrokerUnavailable as exc:
                 log.warning("lost the broker: %s; reconnecting", exc)

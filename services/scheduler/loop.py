@@ -33,7 +33,7 @@ from services.common.amqp import (
     Topology,
     connect_with_backoff,
 )
-from services.common.retry import GaveUp, is_transient, with_backoff
+from services.common.retry import GaveUp, is_transient, wait_first, with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +127,10 @@ class Scheduler:
                 self._conn = None
 
     async def _dispatch_until_closed(self, conn: AmqpConnection, stop: asyncio.Event) -> None:
-        closed = asyncio.ensure_future(conn.closed.wait())
-        try:
-            while not stop.is_set() and not conn.closed.is_set():
-                busy = await self.poll_once(conn)
-                if busy:
-                    continue
-                stopping = asyncio.ensure_future(stop.wait())
-                await asyncio.wait(
-                    {stopping, closed}, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
-                )
-                stopping.cancel()
-        finally:
-            closed.cancel()
+        while not stop.is_set() and not conn.closed.is_set():
+            busy = await self.poll_once(conn)
+            if not busy:
+                await wait_first(stop, conn.closed, timeout=self.poll_interval)
 
     async def poll_once(self, conn: AmqpConnection) -> bool:
         """One round: sites, then reduces. True if a full batch was claimed
