@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
@@ -238,7 +239,11 @@ class AmqpConnection:
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         self.close_reason = str(reason)
-        log.warning("broker channel closed: %s", reason)
+        normal = (
+            isinstance(reason, pika.exceptions.ChannelClosedByClient)
+            or getattr(reason, "reply_code", 0) == 200
+        )
+        log.log(logging.DEBUG if normal else logging.WARNING, "broker channel closed: %s", reason)
         self._fail_pending(BrokerUnavailable(f"broker channel closed: {reason}"))
         self.closed.set()
         if self._conn is not None and self._conn.is_open:
