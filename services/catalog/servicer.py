@@ -251,6 +251,15 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 decision=cast("catalog_pb2.StartDecision.ValueType", int(decision)), detail=detail
             )
 
+    async def RenewSiteLease(
+        self, request: catalog_pb2.RenewSiteLeaseRequest, context: Context
+    ) -> catalog_pb2.RenewSiteLeaseResponse:
+        async with self._errors(context):
+            held = await self.store.renew_site_lease(
+                request.site_job_id, request.attempt, request.worker_id, request.lease_seconds
+            )
+            return catalog_pb2.RenewSiteLeaseResponse(held=held)
+
     async def CompleteSiteJob(
         self, request: catalog_pb2.CompleteSiteJobRequest, context: Context
     ) -> catalog_pb2.CompleteSiteJobResponse:

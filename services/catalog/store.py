@@ -869,7 +869,12 @@ class CatalogStore:
             expired = list(
                 await session.scalars(
                     select(SiteJobRow.id)
-                    .where(SiteJobRow.state == int(SiteState.CLAIMED), SiteJobRow.claim_expires_at < now)
+                    # Claims never confirmed as queued, and running sites whose
+                    # worker took a lease (acked its task early) and stopped renewing it.
+                    .where(
+                        SiteJobRow.state.in_([int(SiteState.CLAIMED), int(SiteState.RUNNING)]),
+                        SiteJobRow.claim_expires_at < now,
+                    )
                     .order_by(*oldest_first)
                     .limit(max_sites)
                     .with_for_update(skip_locked=True)
@@ -1070,6 +1075,22 @@ class CatalogStore:
         decision, detail, plate = await self._run(work)
         self.changes.notify([plate])
         return decision, detail
+
+    async def renew_site_lease(self, job_id: int, attempt: int, worker_id: str, lease_seconds: int) -> bool:
+        """Extends the lease of a running attempt; False if that attempt is not
+        running any more (then the worker must not give up its task)."""
+        if not 5 <= lease_seconds <= 3600:
+            raise InvalidArgument(f"lease_seconds {lease_seconds} is out of range: give 5 to 3600")
+
+        async def work(session: AsyncSession) -> bool:
+            job, _run, _plate = await self._lock_job(session, job_id)
+            if job.state != int(SiteState.RUNNING) or job.attempt != attempt:
+                return False
+            job.claim_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+            job.worker_id = worker_id[:200] or job.worker_id
+            return True
+
+        return await self._run(work)
 
     async def complete_site_job(
         self,

@@ -132,6 +132,10 @@ class Delivery:
         """How many times the broker delivered it before (quorum queues count)."""
         return int(self.headers.get("x-delivery-count", 0) or 0)
 
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
     def ack(self) -> None:
         self._settle(lambda: self._channel.basic_ack(self.delivery_tag))
 

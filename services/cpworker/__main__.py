@@ -53,6 +53,13 @@ VARS = (
     Var("CP_RECYCLE_AFTER", "200", positive_int, "sites before a warm CellProfiler is replaced"),
     Var("SITE_TIMEOUT_S", "600", positive_float, "time limit of one site"),
     Var("TRANSIENT_BUDGET_S", "120", positive_float, "how long object store outages are retried in place"),
+    Var(
+        "ACK_EARLY_AFTER_S",
+        "1200",
+        positive_float,
+        "a site running longer takes a lease in the catalog and acks its task; keep below the broker's consumer timeout",
+    ),
+    Var("SITE_LEASE_S", "120", positive_int, "lease of a long site, renewed every third of it"),
     Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-worker")),
     Var("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
 )
@@ -91,6 +98,8 @@ async def main(v: dict[str, Any]) -> None:
             v["AMQP_URL"],
             topology_from(v),
             v["WORKER_ID"],
+            ack_early_after=v["ACK_EARLY_AFTER_S"],
+            lease_seconds=v["SITE_LEASE_S"],
         )
         servicer = WorkerStatusServicer(consumer, v["CP_MODE"], "")
         server = GrpcServer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -43,6 +44,16 @@ class WorkerStats:
     redelivered: int = 0
 
 
+async def _failpoint_slow_site() -> None:
+    """Fault injection for tests: CELLMESH_FAILPOINT=worker.slow_site:SECONDS
+    makes every site take that much longer, like a long CellProfiler run."""
+    failpoint = os.environ.get("CELLMESH_FAILPOINT", "")
+    if failpoint.startswith("worker.slow_site:"):
+        seconds = float(failpoint.split(":", 1)[1])
+        log.warning("failpoint worker.slow_site: holding the site %.0f s", seconds)
+        await asyncio.sleep(seconds)
+
+
 class SiteConsumer:
     def __init__(
         self,
@@ -52,7 +63,11 @@ class SiteConsumer:
         amqp_url: str,
         topology: Topology,
         worker_id: str,
+        ack_early_after: float = 1200.0,
+        lease_seconds: int = 120,
     ) -> None:
+        self.ack_early_after = ack_early_after
+        self.lease_seconds = lease_seconds
         self.catalog = catalog
         self.processor = processor
         self.amqp_url = amqp_url
@@ -173,7 +188,12 @@ class SiteConsumer:
 
         phase = Phase(claim)
         self.active[claim.site_job_id] = phase
-        outcome = await self.processor.process(claim, self._runners, phase)
+        keeper = asyncio.create_task(self._keep_lease(claim, delivery, site))
+        try:
+            await _failpoint_slow_site()
+            outcome = await self.processor.process(claim, self._runners, phase)
+        finally:
+            keeper.cancel()
         try:
             phase.name = "registering"
             if isinstance(outcome, Success):
@@ -183,6 +203,33 @@ class SiteConsumer:
                 await self._fail(claim, outcome, site, delivery)
         finally:
             self.active.pop(claim.site_job_id, None)
+
+    async def _keep_lease(self, claim: catalog_pb2.SiteClaim, delivery: Delivery, site: str) -> None:
+        """A site that runs longer than `ack_early_after` (kept below the
+        broker's consumer timeout) takes a lease in the catalog and has its
+        task acknowledged, so the broker never closes the channel under it nor
+        hands the site to another worker; the lease is renewed until the site
+        ends. If this worker dies, the lease runs out and the catalog lets the
+        site be claimed again."""
+        await asyncio.sleep(self.ack_early_after)
+        request = catalog_pb2.RenewSiteLeaseRequest(
+            site_job_id=claim.site_job_id,
+            attempt=claim.attempt,
+            worker_id=self.worker_id,
+            lease_seconds=self.lease_seconds,
+        )
+        while True:
+            try:
+                reply = await self.catalog.RenewSiteLease(request, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("could not renew the lease of %s: %s", site, exc.details())
+            else:
+                if not reply.held:
+                    return
+                if not delivery.settled:
+                    delivery.ack()
+                    log.info("%s runs long: lease taken, task acknowledged early", site)
+            await asyncio.sleep(self.lease_seconds / 3)
 
     async def _complete(self, claim: catalog_pb2.SiteClaim, outcome: Success, site: str) -> None:
         request = catalog_pb2.CompleteSiteJobRequest(

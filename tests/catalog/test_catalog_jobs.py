@@ -224,3 +224,46 @@ async def test_requeue(catalog: Catalog) -> None:
         )
     ).sites
     assert [s.id for s in ready] == [c.site_job_id]
+
+
+async def renew(
+    catalog: Catalog, job: int, attempt: int, seconds: int = 5
+) -> catalog_pb2.RenewSiteLeaseResponse:
+    return await catalog.stub.RenewSiteLease(
+        catalog_pb2.RenewSiteLeaseRequest(
+            site_job_id=job, attempt=attempt, worker_id="w1", lease_seconds=seconds
+        )
+    )
+
+
+async def test_a_lapsed_lease_of_a_running_site_lets_it_be_claimed_again(catalog: Catalog) -> None:
+    claim = await one_site(catalog)
+    assert (await start(catalog, claim.site_job_id, claim.attempt)).decision == RUN
+    # A running site without a lease belongs to the broker: never reclaimed.
+    assert await claim_all(catalog.stub) == []
+    assert (await renew(catalog, claim.site_job_id, claim.attempt, seconds=5)).held
+    assert await claim_all(catalog.stub) == [], "a live lease must not be claimed"
+    await asyncio.sleep(5.5)
+    (again,) = await claim_all(catalog.stub)
+    assert again.site_job_id == claim.site_job_id and again.attempt == claim.attempt + 1
+    # The old attempt has lost its lease and cannot record a result.
+    assert not (await renew(catalog, claim.site_job_id, claim.attempt)).held
+    with refused(PRECONDITION, "stale"):
+        await catalog.stub.CompleteSiteJob(
+            catalog_pb2.CompleteSiteJobRequest(
+                site_job_id=claim.site_job_id,
+                attempt=claim.attempt,
+                worker_id="w1",
+                results=[result_file(claim, "Image.csv")],
+            )
+        )
+
+
+async def test_lease_of_a_finished_site_is_not_held_and_bad_lengths_are_refused(catalog: Catalog) -> None:
+    claim = await one_site(catalog)
+    await run_to_done(catalog.stub, claim)
+    assert not (await renew(catalog, claim.site_job_id, claim.attempt)).held
+    with refused(grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds"):
+        await renew(catalog, claim.site_job_id, claim.attempt, seconds=1)
+    with refused(grpc.StatusCode.NOT_FOUND, "does not exist"):
+        await renew(catalog, 999_999, 1)

@@ -315,3 +315,75 @@ async def test_sigterm_to_every_service_loses_nothing(tmp_path: Path) -> None:
             assert all(j.state == types_pb2.SITE_STATE_DONE for j in jobs)
     finally:
         await stop_mesh(mesh)
+
+
+async def test_long_site_outlives_the_consumer_timeout_without_running_twice(tmp_path: Path) -> None:
+    """A site longer than the broker's consumer timeout (5 s here; RabbitMQ
+    enforces it on a one-minute tick, so the site takes 75 s): the worker
+    takes a lease and acks early, the channel is not closed under it, and the
+    site runs once."""
+    with PrivateRabbit(consumer_timeout_ms=5000).running() as rabbit:
+        opts = options(
+            tmp_path,
+            workers=1,
+            amqp_url=rabbit.url,
+            extra_env={
+                "ACK_EARLY_AFTER_S": "2",
+                "SITE_LEASE_S": "30",
+                "CELLMESH_FAILPOINT": "worker.slow_site:75",
+            },
+        )
+        mesh = await start_mesh(opts)
+        try:
+            async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+                catalog = catalog_stub(ch)
+                sites = await create_generated_plate(catalog, tmp_path / "img", "L1", 1, 1, 1)
+                await microscope.acquire(store, catalog, "L1", sites, 200)
+                await wait_complete(catalog, "L1", 300, mesh)
+                (job,) = await assert_nothing_lost(catalog, store, "L1", 1)
+                assert job.state == types_pb2.SITE_STATE_DONE
+                assert job.attempt == 1, "the site ran more than once"
+            log = proc(mesh, "cpworker-0").log_path.read_text()
+            assert "task acknowledged early" in log
+            assert "PRECONDITION_FAILED" not in log and "redelivered task" not in log
+        finally:
+            await stop_mesh(mesh)
+
+
+async def test_worker_dying_after_an_early_ack_loses_nothing(tmp_path: Path) -> None:
+    """The lease guards an acknowledged site: the worker dies, the lease runs
+    out, the site is claimed again and done by another attempt."""
+    opts = options(
+        tmp_path,
+        workers=1,
+        extra_env={
+            "ACK_EARLY_AFTER_S": "1",
+            "SITE_LEASE_S": "6",
+            "CLAIM_LEASE_S": "5",
+            "CELLMESH_FAILPOINT": "worker.slow_site:30",
+        },
+    )
+    mesh = await start_mesh(opts)
+    try:
+        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+            catalog = catalog_stub(ch)
+            sites = await create_generated_plate(catalog, tmp_path / "img", "L2", 1, 1, 1)
+            await microscope.acquire(store, catalog, "L2", sites, 200)
+            worker = proc(mesh, "cpworker-0")
+            deadline = time.monotonic() + 60
+            while "task acknowledged early" not in worker.log_path.read_text():
+                assert time.monotonic() < deadline, "the worker never took the lease"
+                await asyncio.sleep(0.2)
+            assert worker.popen is not None
+            os.kill(worker.popen.pid, signal.SIGKILL)
+            await asyncio.to_thread(worker.popen.wait)
+            env = dict(worker.env)
+            env.pop("CELLMESH_FAILPOINT")
+            worker.env = env
+            await restart(worker)
+            await wait_complete(catalog, "L2", 300, mesh)
+            (job,) = await assert_nothing_lost(catalog, store, "L2", 1)
+            assert job.state == types_pb2.SITE_STATE_DONE
+            assert job.attempt == 2, "the site should have been claimed again after its lease ran out"
+    finally:
+        await stop_mesh(mesh)

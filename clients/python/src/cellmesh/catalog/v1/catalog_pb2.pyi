@@ -1364,6 +1364,64 @@ class FailSiteJobResponse(_message.Message):
 Global___FailSiteJobResponse: _TypeAlias = FailSiteJobResponse  # noqa: Y015
 
 @_typing.final
+class RenewSiteLeaseRequest(_message.Message):
+    """Request of RenewSiteLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    site_job_id: _builtins.int
+    """The site job."""
+    attempt: _builtins.int
+    """The attempt the worker is running."""
+    worker_id: _builtins.str
+    """The worker."""
+    lease_seconds: _builtins.int
+    """The lease's length from now, in seconds (5 to 3600)."""
+    def __init__(
+        self,
+        *,
+        site_job_id: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        lease_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "lease_seconds", b"lease_seconds", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewSiteLeaseRequest: _TypeAlias = RenewSiteLeaseRequest  # noqa: Y015
+
+@_typing.final
+class RenewSiteLeaseResponse(_message.Message):
+    """Response of RenewSiteLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    held: _builtins.bool
+    """True if the worker holds the lease; false if the attempt is no longer
+    running (done, failed, requeued or superseded): keep the task unacknowledged.
+    """
+    def __init__(
+        self,
+        *,
+        held: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewSiteLeaseResponse: _TypeAlias = RenewSiteLeaseResponse  # noqa: Y015
+
+@_typing.final
 class SiteJob(_message.Message):
     """A site job: one site processed with one pipeline."""
 

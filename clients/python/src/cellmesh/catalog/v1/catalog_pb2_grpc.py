@@ -112,6 +112,11 @@ class CatalogServiceStub:
                 request_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.FailSiteJobRequest.SerializeToString,
                 response_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.FailSiteJobResponse.FromString,
                 _registered_method=True)
+        self.RenewSiteLease = channel.unary_unary(
+                '/cellmesh.catalog.v1.CatalogService/RenewSiteLease',
+                request_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.RenewSiteLeaseRequest.SerializeToString,
+                response_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.RenewSiteLeaseResponse.FromString,
+                _registered_method=True)
         self.ListSites = channel.unary_unary(
                 '/cellmesh.catalog.v1.CatalogService/ListSites',
                 request_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListSitesRequest.SerializeToString,
@@ -274,6 +279,17 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewSiteLease(self, request, context):
+        """For workers: keeps a long-running site's lease. A worker whose site runs
+        longer than the broker allows a message to stay unacknowledged takes the
+        lease and acknowledges the task early; from then on the catalog, not the
+        broker, guards the site: when the lease runs out (the worker died), the
+        site is claimed again with a new attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSites(self, request, context):
         """Lists a plate's site jobs with their state, failure and results.
         """
@@ -410,6 +426,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.FailSiteJob,
                     request_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.FailSiteJobRequest.FromString,
                     response_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.FailSiteJobResponse.SerializeToString,
+            ),
+            'RenewSiteLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewSiteLease,
+                    request_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.RenewSiteLeaseRequest.FromString,
+                    response_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.RenewSiteLeaseResponse.SerializeToString,
             ),
             'ListSites': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSites,
@@ -860,6 +881,33 @@ class CatalogService:
             '/cellmesh.catalog.v1.CatalogService/FailSiteJob',
             cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.FailSiteJobRequest.SerializeToString,
             cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.FailSiteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewSiteLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellmesh.catalog.v1.CatalogService/RenewSiteLease',
+            cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.RenewSiteLeaseRequest.SerializeToString,
+            cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.RenewSiteLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

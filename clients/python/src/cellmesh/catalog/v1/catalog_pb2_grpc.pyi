@@ -81,6 +81,13 @@ class CatalogServiceStub:
     """
     FailSiteJob: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.FailSiteJobRequest, _catalog_pb2.FailSiteJobResponse]
     """For workers: records a failed attempt; says whether it will be retried."""
+    RenewSiteLease: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RenewSiteLeaseRequest, _catalog_pb2.RenewSiteLeaseResponse]
+    """For workers: keeps a long-running site's lease. A worker whose site runs
+    longer than the broker allows a message to stay unacknowledged takes the
+    lease and acknowledges the task early; from then on the catalog, not the
+    broker, guards the site: when the lease runs out (the worker died), the
+    site is claimed again with a new attempt.
+    """
     ListSites: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListSitesRequest, _catalog_pb2.ListSitesResponse]
     """Lists a plate's site jobs with their state, failure and results."""
     RequeueSites: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RequeueSitesRequest, _catalog_pb2.RequeueSitesResponse]
@@ -156,6 +163,13 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     """
     FailSiteJob: _aio.UnaryUnaryMultiCallable[_catalog_pb2.FailSiteJobRequest, _catalog_pb2.FailSiteJobResponse]  # type: ignore[assignment]
     """For workers: records a failed attempt; says whether it will be retried."""
+    RenewSiteLease: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RenewSiteLeaseRequest, _catalog_pb2.RenewSiteLeaseResponse]  # type: ignore[assignment]
+    """For workers: keeps a long-running site's lease. A worker whose site runs
+    longer than the broker allows a message to stay unacknowledged takes the
+    lease and acknowledges the task early; from then on the catalog, not the
+    broker, guards the site: when the lease runs out (the worker died), the
+    site is claimed again with a new attempt.
+    """
     ListSites: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListSitesRequest, _catalog_pb2.ListSitesResponse]  # type: ignore[assignment]
     """Lists a plate's site jobs with their state, failure and results."""
     RequeueSites: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RequeueSitesRequest, _catalog_pb2.RequeueSitesResponse]  # type: ignore[assignment]
@@ -318,6 +332,19 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.FailSiteJobResponse, _abc.Awaitable[_catalog_pb2.FailSiteJobResponse]]:
         """For workers: records a failed attempt; says whether it will be retried."""
+
+    @_abc_1.abstractmethod
+    def RenewSiteLease(
+        self,
+        request: _catalog_pb2.RenewSiteLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.RenewSiteLeaseResponse, _abc.Awaitable[_catalog_pb2.RenewSiteLeaseResponse]]:
+        """For workers: keeps a long-running site's lease. A worker whose site runs
+        longer than the broker allows a message to stay unacknowledged takes the
+        lease and acknowledges the task early; from then on the catalog, not the
+        broker, guards the site: when the lease runs out (the worker died), the
+        site is claimed again with a new attempt.
+        """
 
     @_abc_1.abstractmethod
     def ListSites(
