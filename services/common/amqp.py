@@ -32,7 +32,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from services.common.retry import sleep_unless
+from services.common.retry import sleep_unless, wait_first
 from services.common.settings import Var, positive_int
 
 log = logging.getLogger(__name__)
@@ -453,6 +453,46 @@ async def connect_with_backoff(
             log.warning("broker not reachable (%s); retrying in %.1f s", exc, delay)
             await sleep_unless(stop, delay)
             delay = min(delay * 2, max_delay)
+
+
+async def consume_until_stopped(
+    url: str,
+    topology: Topology,
+    name: str,
+    queue: str,
+    prefetch: int,
+    handler: Handler,
+    stop: asyncio.Event,
+    on_stop: Callable[[AmqpConnection, str], Coroutine[Any, Any, None]] | None = None,
+    on_connect: Callable[[AmqpConnection | None], None] | None = None,
+) -> None:
+    """Consumes `queue` until `stop` is set, reconnecting with backoff whenever
+    the broker goes away. `on_connect` hears of each new connection (and of
+    None when it is gone), for handlers that publish on it. On stop,
+    `on_stop(conn, consumer_tag)` runs (e.g. to drain work in progress), else
+    the consumer is cancelled."""
+    while not stop.is_set():
+        try:
+            conn = await connect_with_backoff(url, topology, name, stop)
+        except BrokerUnavailable:
+            return
+        if on_connect is not None:
+            on_connect(conn)
+        try:
+            tag = await conn.consume(queue, prefetch, handler)
+            log.info("%s: consuming %s (prefetch %d)", name, queue, prefetch)
+            await wait_first(stop, conn.closed)
+            if stop.is_set():
+                if on_stop is not None:
+                    await on_stop(conn, tag)
+                else:
+                    await conn.cancel(tag)
+        except BrokerUnavailable as exc:
+            log.warning("%s lost the broker: %s; reconnecting", name, exc)
+        finally:
+            await conn.close()
+            if on_connect is not None:
+                on_connect(None)
 
 
 def settle_all_pending(futures: Sequence[asyncio.Future[None]]) -> tuple[int, list[BaseException]]:

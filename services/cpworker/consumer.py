@@ -25,9 +25,9 @@ from services.common.amqp import (
     Delivery,
     PublishRefused,
     Topology,
-    connect_with_backoff,
+    consume_until_stopped,
 )
-from services.common.retry import GaveUp, wait_first, with_backoff
+from services.common.retry import GaveUp, with_backoff
 from services.cpworker.site import Failure, Phase, SiteProcessor, SiteRunner, Success
 
 log = logging.getLogger(__name__)
@@ -88,27 +88,25 @@ class SiteConsumer:
         """Consumes until `stop`; then takes no new site, lets the current ones
         finish for up to `grace_seconds`, and hands the rest back."""
         self._stop = stop
-        while not stop.is_set():
-            try:
-                conn = await connect_with_backoff(
-                    self.amqp_url, self.topology, f"cpworker {self.worker_id}", stop
-                )
-            except BrokerUnavailable:
-                break
-            self._conn = conn
-            tag = ""
-            try:
-                # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
-                tag = await conn.consume(self.topology.queue("sites"), 2 * self.slots, self._on_task)
-                log.info("taking site tasks (%d slot(s))", self.slots)
-                await wait_first(stop, conn.closed)
-                if stop.is_set():
-                    await self._drain(conn, tag, grace_seconds)
-            except BrokerUnavailable as exc:
-                log.warning("lost the broker: %s; reconnecting", exc)
-            finally:
-                await conn.close()
-                self._conn = None
+
+        async def drain(conn: AmqpConnection, tag: str) -> None:
+            await self._drain(conn, tag, grace_seconds)
+
+        def use(conn: AmqpConnection | None) -> None:
+            self._conn = conn  # retries are published on the consuming connection
+
+        # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
+        await consume_until_stopped(
+            self.amqp_url,
+            self.topology,
+            f"cpworker {self.worker_id}",
+            self.topology.queue("sites"),
+            2 * self.slots,
+            self._on_task,
+            stop,
+            on_stop=drain,
+            on_connect=use,
+        )
 
     async def _drain(self, conn: AmqpConnection, tag: str, grace_seconds: float) -> None:
         self.draining = True

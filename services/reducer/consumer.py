@@ -12,8 +12,8 @@ from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.tasks.v1 import tasks_pb2
 from google.protobuf.message import DecodeError
 
-from services.common.amqp import AmqpConnection, BrokerUnavailable, Delivery, Topology, connect_with_backoff
-from services.common.retry import is_transient, wait_first, with_backoff
+from services.common.amqp import Delivery, Topology, consume_until_stopped
+from services.common.retry import is_transient, with_backoff
 from services.common.s3 import ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -32,21 +32,15 @@ class ReduceConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        while not stop.is_set():
-            try:
-                conn: AmqpConnection = await connect_with_backoff(
-                    self.amqp_url, self.topology, f"reducer {self.name}", stop
-                )
-            except BrokerUnavailable:
-                break
-            try:
-                tag = await conn.consume(self.topology.queue("reduce"), 1, self._on_task)
-                await wait_first(stop, conn.closed)
-                await conn.cancel(tag)
-            except BrokerUnavailable as exc:
-                log.warning("lost the broker: %s; reconnecting", exc)
-            finally:
-                await conn.close()
+        await consume_until_stopped(
+            self.amqp_url,
+            self.topology,
+            f"reducer {self.name}",
+            self.topology.queue("reduce"),
+            1,
+            self._on_task,
+            stop,
+        )
 
     async def _on_task(self, delivery: Delivery) -> None:
         try:
