@@ -26,6 +26,7 @@ from services.mesh import microscope
 from services.mesh.demo import Mesh, start_mesh, stop_mesh
 from services.mesh.procs import Proc
 from tests.e2e.meshkit import (
+    NUCLEI,
     assert_nothing_lost,
     catalog_stub,
     create_generated_plate,
@@ -385,5 +386,54 @@ async def test_worker_dying_after_an_early_ack_loses_nothing(tmp_path: Path) -> 
             (job,) = await assert_nothing_lost(catalog, store, "L2", 1)
             assert job.state == types_pb2.SITE_STATE_DONE
             assert job.attempt == 2, "the site should have been claimed again after its lease ran out"
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_missing_object_and_failing_pipeline_get_their_failure_classes(tmp_path: Path) -> None:
+    """A registered image whose object is not in the store fails at once as an
+    input problem; a pipeline that CellProfiler cannot run (a module reads an
+    image nothing provides) fails as a CellProfiler problem after its retries;
+    the other sites go on."""
+    mesh = await start_mesh(options(tmp_path, workers=1, extra_env={"MAX_ATTEMPTS": "2"}))
+    try:
+        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+            catalog = catalog_stub(ch)
+            sites = await create_generated_plate(catalog, tmp_path / "img", "X1", 1, 3, 1)
+            gone = next(s for s in sites if s.well == "A02")
+            await microscope.acquire(store, catalog, "X1", [s for s in sites if s is not gone], 200)
+            regs = [
+                catalog_pb2.ImageRegistration(
+                    site=types_pb2.SiteRef(plate="X1", well="A02", site=0),
+                    channel=channel,
+                    object=types_pb2.ObjectRef(
+                        key=f"images/X1/A02/s0/{channel}/never-uploaded.tif", size=10, sha256="ab" * 32
+                    ),
+                    file_name=f"X1_A02_s0_{channel}.tif",
+                )
+                for channel in gone.files
+            ]
+            await catalog.RegisterImages(catalog_pb2.RegisterImagesRequest(images=regs))
+            await wait_complete(catalog, "X1", 300, mesh)
+            jobs = {j.site.well: j for j in await assert_nothing_lost(catalog, store, "X1", 3)}
+            assert jobs["A02"].state == types_pb2.SITE_STATE_FAILED
+            assert jobs["A02"].failure_class == types_pb2.FAILURE_CLASS_INPUT_PROBLEM
+            assert jobs["A02"].attempt == 1 and "missing" in jobs["A02"].failure_reason
+            assert jobs["A01"].state == jobs["A03"].state == types_pb2.SITE_STATE_DONE
+
+            broken = NUCLEI.read_text().replace(
+                "Select the input image:DNA", "Select the input image:NotAnImage", 1
+            )
+            assert "NotAnImage" in broken
+            sites = await create_generated_plate(
+                catalog, tmp_path / "img2", "X2", 1, 2, 1, pipeline=broken.encode()
+            )
+            await microscope.acquire(store, catalog, "X2", sites, 200)
+            await wait_complete(catalog, "X2", 300, mesh)
+            for job in await assert_nothing_lost(catalog, store, "X2", 2):
+                assert job.state == types_pb2.SITE_STATE_FAILED
+                assert job.failure_class == types_pb2.FAILURE_CLASS_CP_PROBLEM, job
+                assert job.attempt == 2, "retried up to MAX_ATTEMPTS"
+            mesh.procs.check_alive()
     finally:
         await stop_mesh(mesh)
