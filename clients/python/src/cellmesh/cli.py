@@ -566,6 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(grpc.StatusCode.NOT_FOUND, f"{exc.filename}: {exc.strerror}")
     except PermissionError as exc:
         return _error(grpc.StatusCode.PERMISSION_DENIED, f"{exc.filename}: {exc.strerror}")
+    except BrokenPipeError:
+        # The reader went away (e.g. `cellmesh plate list | head`): not an error.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         return _error(grpc.StatusCode.UNKNOWN, str(exc))
     except KeyboardInterrupt:
