@@ -100,6 +100,25 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
+def service_server(
+    add: Callable[[Any, grpc.aio.Server], None],
+    servicer: object,
+    file_descriptor: Any,
+    service: str,
+    settings: dict[str, Any],
+) -> GrpcServer:
+    """A server for one service of a generated `*_pb2` module (its
+    DESCRIPTOR), bound by the common settings GRPC_HOST, GRPC_PORT and
+    GRACE_SECONDS."""
+    name = file_descriptor.services_by_name[service].full_name
+    return GrpcServer(
+        [Registration(add, servicer, name)],
+        settings["GRPC_HOST"],
+        settings["GRPC_PORT"],
+        settings["GRACE_SECONDS"],
+    )
+
+
 def stop_event_on_signals() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT (call from inside the running loop)."""
     event = asyncio.Event()

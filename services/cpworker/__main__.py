@@ -16,7 +16,7 @@ from cellmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, topology_from
 from services.common.s3 import ObjectStore
-from services.common.server import GrpcServer, Registration, stop_event_on_signals
+from services.common.server import service_server, stop_event_on_signals
 from services.common.settings import (
     COMMON_VARS,
     S3_VARS,
@@ -102,17 +102,12 @@ async def main(v: dict[str, Any]) -> None:
             lease_seconds=v["SITE_LEASE_S"],
         )
         servicer = WorkerStatusServicer(consumer, v["CP_MODE"], "")
-        server = GrpcServer(
-            [
-                Registration(
-                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
-                    servicer,
-                    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
-                )
-            ],
-            v["GRPC_HOST"],
-            v["GRPC_PORT"],
-            v["GRACE_SECONDS"],
+        server = service_server(
+            worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+            servicer,
+            worker_pb2.DESCRIPTOR,
+            "WorkerService",
+            v,
         )
         await server.start()
         try:

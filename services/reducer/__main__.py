@@ -16,7 +16,7 @@ from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, topology_from
 from services.common.s3 import ObjectStore
-from services.common.server import GrpcServer, Registration, stop_event_on_signals
+from services.common.server import service_server, stop_event_on_signals
 from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port
 from services.reducer.consumer import ReduceConsumer
 from services.reducer.service import Reducer, ReducerServicer
@@ -41,17 +41,12 @@ async def main(v: dict[str, Any]) -> None:
         ObjectStore(S3Settings.from_env()) as store,
     ):
         reducer = Reducer(catalog_pb2_grpc.CatalogServiceStub(channel), store, Path(v["WORK_DIR"]))
-        server = GrpcServer(
-            [
-                Registration(
-                    reducer_pb2_grpc.add_ReducerServiceServicer_to_server,
-                    ReducerServicer(reducer),
-                    reducer_pb2.DESCRIPTOR.services_by_name["ReducerService"].full_name,
-                )
-            ],
-            v["GRPC_HOST"],
-            v["GRPC_PORT"],
-            v["GRACE_SECONDS"],
+        server = service_server(
+            reducer_pb2_grpc.add_ReducerServiceServicer_to_server,
+            ReducerServicer(reducer),
+            reducer_pb2.DESCRIPTOR,
+            "ReducerService",
+            v,
         )
         await server.start()
         consumer = ReduceConsumer(reducer.reduce_run, v["AMQP_URL"], topology_from(v), v["REDUCER_ID"])

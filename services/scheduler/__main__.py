@@ -14,7 +14,7 @@ from cellmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, Topology, topology_from
-from services.common.server import GrpcServer, Registration, stop_event_on_signals
+from services.common.server import service_server, stop_event_on_signals
 from services.common.settings import COMMON_VARS, Var, load, port, positive_float, positive_int
 from services.scheduler.loop import Scheduler
 from services.scheduler.service import SchedulerStatusServicer
@@ -55,17 +55,12 @@ async def main(settings: Settings) -> None:
             batch=v["CLAIM_BATCH"],
             lease_seconds=v["CLAIM_LEASE_S"],
         )
-        server = GrpcServer(
-            [
-                Registration(
-                    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
-                    SchedulerStatusServicer(scheduler),
-                    scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
-                )
-            ],
-            v["GRPC_HOST"],
-            v["GRPC_PORT"],
-            v["GRACE_SECONDS"],
+        server = service_server(
+            scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
+            SchedulerStatusServicer(scheduler),
+            scheduler_pb2.DESCRIPTOR,
+            "SchedulerService",
+            v,
         )
         await server.start()
         await server.set_serving(True)
