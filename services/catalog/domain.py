@@ -192,6 +192,7 @@ class SiteJobInfo:
     finished_at: datetime | None
     results: list[ResultFile]
     provenance: Provenance | None
+    execution_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -159,11 +159,17 @@ class SiteJobRow(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     claim_expires_at: Mapped[datetime | None]
     worker_id: Mapped[str | None] = mapped_column(String(200))
+    # The execution that holds the current attempt (see StartSiteJob): a site
+    # redelivered while an earlier execution may still run gets a new one.
+    execution_id: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     failure_class: Mapped[int] = mapped_column(SmallInteger, default=0)
     failure_reason: Mapped[str | None] = mapped_column(Text)
     results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # Results of earlier runs of the site (before a requeue or a replaced
+    # image): still registered, so the object sweep keeps them.
+    past_results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 

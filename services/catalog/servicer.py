@@ -244,11 +244,13 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: catalog_pb2.StartSiteJobRequest, context: Context
     ) -> catalog_pb2.StartSiteJobResponse:
         async with self._errors(context):
-            decision, detail = await self.store.start_site_job(
-                request.site_job_id, request.attempt, request.worker_id
+            decision, detail, execution_id = await self.store.start_site_job(
+                request.site_job_id, request.attempt, request.worker_id, request.execution_id
             )
             return catalog_pb2.StartSiteJobResponse(
-                decision=cast("catalog_pb2.StartDecision.ValueType", int(decision)), detail=detail
+                decision=cast("catalog_pb2.StartDecision.ValueType", int(decision)),
+                detail=detail,
+                execution_id=execution_id,
             )
 
     async def RenewSiteLease(
@@ -256,7 +258,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> catalog_pb2.RenewSiteLeaseResponse:
         async with self._errors(context):
             held = await self.store.renew_site_lease(
-                request.site_job_id, request.attempt, request.worker_id, request.lease_seconds
+                request.site_job_id,
+                request.attempt,
+                request.worker_id,
+                request.lease_seconds,
+                request.execution_id,
             )
             return catalog_pb2.RenewSiteLeaseResponse(held=held)
 
@@ -269,7 +275,12 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             ]
             provenance = _provenance_in(request.provenance) if request.HasField("provenance") else None
             recorded = await self.store.complete_site_job(
-                request.site_job_id, request.attempt, request.worker_id, results, provenance
+                request.site_job_id,
+                request.attempt,
+                request.worker_id,
+                results,
+                provenance,
+                request.execution_id,
             )
             return catalog_pb2.CompleteSiteJobResponse(recorded=recorded)
 
@@ -290,6 +301,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 failure,
                 request.reason,
                 request.final,
+                request.execution_id,
             )
             return catalog_pb2.FailSiteJobResponse(
                 will_retry=result.will_retry, next_attempt=result.next_attempt, state=_state(result.state)
@@ -537,6 +549,7 @@ def _site_job(j: d.SiteJobInfo) -> catalog_pb2.SiteJob:
         failure_class=cast("types_pb2.FailureClass.ValueType", int(j.failure_class)),
         failure_reason=j.failure_reason,
         worker_id=j.worker_id,
+        execution_id=j.execution_id,
         ready_at=_ts(j.ready_at),
         started_at=_ts(j.started_at),
         finished_at=_ts(j.finished_at),

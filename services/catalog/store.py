@@ -29,6 +29,7 @@ import base64
 import contextlib
 import json
 import logging
+import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -767,22 +768,14 @@ class CatalogStore:
             jobs += [_job_row(r, s, SiteState.WAITING, None) for r in run_ids for s in incomplete_new]
             await self._insert_jobs(session, jobs)
         for part in chunks(newly_complete_old):
-            await session.execute(
-                update(SiteJobRow)
-                .where(
-                    SiteJobRow.site_id.in_(part),
-                    SiteJobRow.state.in_([int(SiteState.WAITING), int(SiteState.FAILED)]),
-                )
-                .values(_back_to_ready(now))
-                .execution_options(synchronize_session=False)
+            await _reset_jobs(
+                session,
+                now,
+                SiteJobRow.site_id.in_(part),
+                SiteJobRow.state.in_([int(SiteState.WAITING), int(SiteState.FAILED)]),
             )
         for part in chunks(replaced_complete):
-            await session.execute(
-                update(SiteJobRow)
-                .where(SiteJobRow.site_id.in_(part))
-                .values(_back_to_ready(now))
-                .execution_options(synchronize_session=False)
-            )
+            await _reset_jobs(session, now, SiteJobRow.site_id.in_(part))
         return len(newly_complete_old) + len(newly_complete_new)
 
     async def _site_ids(
@@ -904,6 +897,7 @@ class CatalogStore:
                     claimed_by=scheduler_id[:200],
                     claim_expires_at=now + timedelta(seconds=lease),
                     attempt=SiteJobRow.attempt + 1,
+                    execution_id=None,
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -1036,24 +1030,40 @@ class CatalogStore:
         plate = await session.scalar(select(PlateRow.name).where(PlateRow.id == run.plate_id))
         return job, run, str(plate)
 
-    async def start_site_job(self, job_id: int, attempt: int, worker_id: str) -> tuple[Decision, str]:
-        """Tells a worker whether to run the task it received."""
+    async def start_site_job(
+        self, job_id: int, attempt: int, worker_id: str, execution_id: str = ""
+    ) -> tuple[Decision, str, str]:
+        """Tells a worker whether to run the task it received, and under which
+        execution. A task redelivered while an earlier execution of the same
+        attempt may still be alive (its worker cut off, not dead) starts a new
+        execution that takes the attempt over: from then on only the newest
+        execution may renew, complete or fail it, so the two can never both be
+        recorded, and their result keys differ. The same call replayed (same
+        execution id) gets the same answer."""
+        execution_id = _check_execution(execution_id) or secrets.token_hex(8)
 
-        async def work(session: AsyncSession) -> tuple[Decision, str, str]:
+        async def work(session: AsyncSession) -> tuple[Decision, str, str, str]:
             job, _run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
             if state == SiteState.DONE:
-                return Decision.SKIP_DONE, f"site job {job_id} is done already (attempt {job.attempt})", plate
+                return (
+                    Decision.SKIP_DONE,
+                    f"site job {job_id} is done already (attempt {job.attempt})",
+                    "",
+                    plate,
+                )
             if state == SiteState.FAILED:
                 return (
                     Decision.SKIP_STALE,
                     f"site job {job_id} failed for good: {job.failure_reason or ''}",
+                    "",
                     plate,
                 )
             if attempt < job.attempt:
                 return (
                     Decision.SKIP_STALE,
                     f"attempt {attempt} is stale, site is at attempt {job.attempt}",
+                    "",
                     plate,
                 )
             if attempt > job.attempt:
@@ -1064,27 +1074,50 @@ class CatalogStore:
                 return (
                     Decision.SKIP_STALE,
                     f"site job {job_id} was requeued after attempt {attempt} was issued; it is {state.name}",
+                    "",
                     plate,
+                )
+            if state == SiteState.RUNNING and job.execution_id == execution_id:
+                return Decision.RUN, f"run attempt {attempt} (started before)", execution_id, plate
+            detail = f"run attempt {attempt}"
+            if state == SiteState.RUNNING and job.execution_id:
+                detail += (
+                    f", taking it over from execution {job.execution_id} on {job.worker_id or 'a worker'}"
+                )
+                log.warning(
+                    "site job %d attempt %d: execution %s takes over from %s (%s)",
+                    job_id,
+                    attempt,
+                    execution_id,
+                    job.execution_id,
+                    job.worker_id,
                 )
             job.state = int(SiteState.RUNNING)
             job.started_at = utcnow()
             job.worker_id = worker_id[:200] or None
+            job.execution_id = execution_id
             job.claim_expires_at = None
-            return Decision.RUN, f"run attempt {attempt}", plate
+            return Decision.RUN, detail, execution_id, plate
 
-        decision, detail, plate = await self._run(work)
+        decision, detail, execution, plate = await self._run(work)
         self.changes.notify([plate])
-        return decision, detail
+        return decision, detail, execution
 
-    async def renew_site_lease(self, job_id: int, attempt: int, worker_id: str, lease_seconds: int) -> bool:
+    async def renew_site_lease(
+        self, job_id: int, attempt: int, worker_id: str, lease_seconds: int, execution_id: str = ""
+    ) -> bool:
         """Extends the lease of a running attempt; False if that attempt is not
-        running any more (then the worker must not give up its task)."""
+        running any more, or another execution took it over (then the worker
+        stops the run and records nothing)."""
         if not 5 <= lease_seconds <= 3600:
             raise InvalidArgument(f"lease_seconds {lease_seconds} is out of range: give 5 to 3600")
+        execution_id = _check_execution(execution_id)
 
         async def work(session: AsyncSession) -> bool:
             job, _run, _plate = await self._lock_job(session, job_id)
             if job.state != int(SiteState.RUNNING) or job.attempt != attempt:
+                return False
+            if execution_id and job.execution_id != execution_id:
                 return False
             job.claim_expires_at = utcnow() + timedelta(seconds=lease_seconds)
             job.worker_id = worker_id[:200] or job.worker_id
@@ -1099,15 +1132,20 @@ class CatalogStore:
         worker_id: str,
         results: Sequence[ResultFile],
         provenance: Provenance | None,
+        execution_id: str = "",
     ) -> bool:
-        """Records a successful attempt; False if the job was done already."""
+        """Records a successful attempt; False if the same execution recorded
+        it already (a replay). Another execution's result is refused: a
+        registered result is never replaced."""
         problems = _check_results(results)
         if problems:
             raise _invalid(problems)
+        execution_id = _check_execution(execution_id)
 
         async def work(session: AsyncSession) -> tuple[bool, str]:
             job, run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
+            _check_holder(job, job_id, attempt, execution_id)
             if state == SiteState.DONE:
                 return False, plate
             if attempt != job.attempt:
@@ -1147,16 +1185,20 @@ class CatalogStore:
         failure_class: FailureClass,
         reason: str,
         final: bool,
+        execution_id: str = "",
     ) -> FailResult:
         """Records a failed attempt and decides whether it is retried."""
         if failure_class == FailureClass.UNSPECIFIED:
             raise InvalidArgument(
                 "failure_class is required: INPUT_PROBLEM, TRANSIENT, CP_PROBLEM, TIMEOUT, OUTPUT_PROBLEM or BAD_TASK"
             )
+        execution_id = _check_execution(execution_id)
 
         async def work(session: AsyncSession) -> tuple[FailResult, str]:
             job, run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
+            if state != SiteState.DONE:
+                _check_holder(job, job_id, attempt, execution_id)
             if state in SETTLED:
                 return FailResult(False, job.attempt, state), plate
             if attempt != job.attempt:
@@ -1240,6 +1282,27 @@ class CatalogStore:
 
         return await self._run(work)
 
+    async def registered_result_keys(self, plate_name: str) -> set[str] | None:
+        """Every result object key a site job of the plate points at, now or
+        before a requeue; None if there is no such plate."""
+
+        async def work(session: AsyncSession) -> set[str] | None:
+            plate_id = await session.scalar(select(PlateRow.id).where(PlateRow.name == plate_name))
+            if plate_id is None:
+                return None
+            keys: set[str] = set()
+            rows = await session.execute(
+                select(SiteJobRow.results, SiteJobRow.past_results)
+                .join(RunRow, RunRow.id == SiteJobRow.run_id)
+                .where(RunRow.plate_id == plate_id)
+            )
+            for results, past in rows:
+                for r in [*(results or []), *(past or [])]:
+                    keys.add(str(r["key"]))
+            return keys
+
+        return await self._run(work)
+
     async def requeue_sites(
         self, plate_name: str, pipeline_sha256: str = "", sites: Sequence[tuple[str, int]] = ()
     ) -> int:
@@ -1291,12 +1354,7 @@ class CatalogStore:
                     )
             now = utcnow()
             for part in chunks([job.id for job in complete]):
-                await session.execute(
-                    update(SiteJobRow)
-                    .where(SiteJobRow.id.in_(part))
-                    .values(_back_to_ready(now))
-                    .execution_options(synchronize_session=False)
-                )
+                await _reset_jobs(session, now, SiteJobRow.id.in_(part))
             return len(complete), plate.name
 
         count, plate = await self._run(work)
@@ -1565,6 +1623,24 @@ def _check(check: Callable[..., T], *args: Any) -> T:
         raise InvalidArgument(str(exc)) from None
 
 
+def _check_execution(execution_id: str) -> str:
+    if len(execution_id) > 64 or not all(c.isalnum() or c in "-_" for c in execution_id):
+        raise InvalidArgument(
+            f"execution_id {execution_id[:80]!r} is not valid: use up to 64 letters, digits, '-' or '_'"
+        )
+    return execution_id
+
+
+def _check_holder(job: SiteJobRow, job_id: int, attempt: int, execution_id: str) -> None:
+    """Refuses a call from an execution that no longer holds the job's attempt
+    (another execution took it over after a redelivery)."""
+    if execution_id and attempt == job.attempt and job.execution_id and job.execution_id != execution_id:
+        raise FailedPrecondition(
+            f"execution {execution_id} of site job {job_id} attempt {attempt} was taken over by "
+            f"execution {job.execution_id} ({job.worker_id or 'another worker'}); its outcome is not recorded"
+        )
+
+
 def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -1747,18 +1823,23 @@ def _job_row(run_id: int, site_id: int, state: SiteState, ready_at: datetime | N
     }
 
 
-def _back_to_ready(now: datetime) -> dict[str, Any]:
-    return {
-        "state": int(SiteState.READY),
-        "ready_at": now,
-        "claimed_by": None,
-        "claim_expires_at": None,
-        "failure_class": int(FailureClass.UNSPECIFIED),
-        "failure_reason": None,
-        "finished_at": None,
-        "results": None,
-        "provenance": None,
-    }
+async def _reset_jobs(session: AsyncSession, now: datetime, *where: Any) -> None:
+    """Puts the matching jobs back to READY. Results they had stay registered
+    as past results: their objects are never swept, and a report made from
+    them stays readable."""
+    for job in await session.scalars(select(SiteJobRow).where(*where).with_for_update()):
+        if job.results:
+            job.past_results = [*(job.past_results or []), *job.results]
+        job.state = int(SiteState.READY)
+        job.ready_at = now
+        job.claimed_by = None
+        job.claim_expires_at = None
+        job.execution_id = None
+        job.failure_class = int(FailureClass.UNSPECIFIED)
+        job.failure_reason = None
+        job.finished_at = None
+        job.results = None
+        job.provenance = None
 
 
 def _pipeline_info(row: PipelineRow) -> PipelineInfo:
@@ -1819,6 +1900,7 @@ def _job_info(job: SiteJobRow, site: SiteKey, sha: str, with_results: bool) -> S
         finished_at=job.finished_at,
         results=results,
         provenance=provenance,
+        execution_id=job.execution_id or "",
     )
 
 

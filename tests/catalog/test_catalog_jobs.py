@@ -267,3 +267,89 @@ async def test_lease_of_a_finished_site_is_not_held_and_bad_lengths_are_refused(
         await renew(catalog, claim.site_job_id, claim.attempt, seconds=1)
     with refused(grpc.StatusCode.NOT_FOUND, "does not exist"):
         await renew(catalog, 999_999, 1)
+
+
+async def test_a_redelivered_attempt_runs_as_a_new_execution_and_only_it_is_recorded(
+    catalog: Catalog,
+) -> None:
+    """A worker cut off by the network keeps running its site while the broker
+    redelivers the task to another worker at the same attempt: the second
+    execution takes the attempt over, and the first can no longer renew,
+    complete or fail it."""
+    claim = await one_site(catalog)
+    job, attempt = claim.site_job_id, claim.attempt
+
+    async def start_as(execution: str, worker: str) -> catalog_pb2.StartSiteJobResponse:
+        return await catalog.stub.StartSiteJob(
+            catalog_pb2.StartSiteJobRequest(
+                site_job_id=job, attempt=attempt, worker_id=worker, execution_id=execution
+            )
+        )
+
+    first = await start_as("aaaa1111", "wA")
+    assert first.decision == RUN and first.execution_id == "aaaa1111"
+    replay = await start_as("aaaa1111", "wA")
+    assert replay.decision == RUN and replay.execution_id == "aaaa1111"
+    second = await start_as("bbbb2222", "wB")
+    assert second.decision == RUN and second.execution_id == "bbbb2222"
+    assert "taking it over from execution aaaa1111 on wA" in second.detail
+    assert (await site(catalog)).execution_id == "bbbb2222"
+
+    async def renew(execution: str) -> catalog_pb2.RenewSiteLeaseResponse:
+        return await catalog.stub.RenewSiteLease(
+            catalog_pb2.RenewSiteLeaseRequest(
+                site_job_id=job, attempt=attempt, worker_id="wB", lease_seconds=30, execution_id=execution
+            )
+        )
+
+    assert not (await renew("aaaa1111")).held
+    assert (await renew("bbbb2222")).held
+
+    async def complete(execution: str, name: str) -> catalog_pb2.CompleteSiteJobResponse:
+        return await catalog.stub.CompleteSiteJob(
+            catalog_pb2.CompleteSiteJobRequest(
+                site_job_id=job,
+                attempt=attempt,
+                worker_id="w",
+                results=[result_file(claim, name)],
+                execution_id=execution,
+            )
+        )
+
+    with refused(PRECONDITION, "execution aaaa1111", "taken over by execution bbbb2222 (wB)"):
+        await complete("aaaa1111", "A.csv")
+    with refused(PRECONDITION, "taken over by execution bbbb2222"):
+        await catalog.stub.FailSiteJob(
+            catalog_pb2.FailSiteJobRequest(
+                site_job_id=job,
+                attempt=attempt,
+                worker_id="wA",
+                failure_class=FC.FAILURE_CLASS_CP_PROBLEM,
+                reason="late",
+                execution_id="aaaa1111",
+            )
+        )
+    assert (await complete("bbbb2222", "B.csv")).recorded
+    assert not (await complete("bbbb2222", "B.csv")).recorded
+    # The cut-off execution finishing late never replaces what was recorded.
+    with refused(PRECONDITION, "taken over by execution bbbb2222"):
+        await complete("aaaa1111", "A.csv")
+    done = await site(catalog, with_results=True)
+    assert done.state == types_pb2.SITE_STATE_DONE and [r.name for r in done.results] == ["B.csv"]
+    # Without an execution id the catalog picks one.
+    claim2 = await one_site_more(catalog)
+    reply = await start(catalog, claim2.site_job_id, claim2.attempt)
+    assert reply.decision == RUN and len(reply.execution_id) == 16
+    with refused(grpc.StatusCode.INVALID_ARGUMENT, "execution_id", "is not valid"):
+        await catalog.stub.StartSiteJob(
+            catalog_pb2.StartSiteJobRequest(
+                site_job_id=claim2.site_job_id, attempt=claim2.attempt, execution_id="../x"
+            )
+        )
+
+
+async def one_site_more(catalog: Catalog) -> catalog_pb2.SiteClaim:
+    await new_plate(catalog.stub, "P2")
+    await ready_sites(catalog.stub, "P2", 1)
+    (claim,) = await claim_all(catalog.stub)
+    return claim

@@ -1074,22 +1074,32 @@ class StartSiteJobRequest(_message.Message):
     SITE_JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
     """The attempt in the task."""
     worker_id: _builtins.str
     """The worker's id (host and process)."""
+    execution_id: _builtins.str
+    """This execution of the task: unique per delivery a worker handles
+    (e.g. a random hex string). A site redelivered while an earlier execution
+    may still be alive runs as a new execution, and only the execution the
+    catalog last started may renew, complete or fail the attempt. Replaying
+    the same call with the same id returns the same decision. Empty: the
+    catalog picks one and returns it.
+    """
     def __init__(
         self,
         *,
         site_job_id: _builtins.int = ...,
         attempt: _builtins.int = ...,
         worker_id: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1103,19 +1113,26 @@ class StartSiteJobResponse(_message.Message):
 
     DECISION_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     decision: Global___StartDecision.ValueType
     """What to do."""
     detail: _builtins.str
     """Why, for the log."""
+    execution_id: _builtins.str
+    """The execution that holds the attempt when the decision is RUN: the
+    request's, or one the catalog picked. Result keys carry it, so no two
+    executions of a site ever write the same object.
+    """
     def __init__(
         self,
         *,
         decision: Global___StartDecision.ValueType = ...,
         detail: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "detail", b"detail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "detail", b"detail", "execution_id", b"execution_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1238,12 +1255,18 @@ class CompleteSiteJobRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
     """The attempt that succeeded."""
     worker_id: _builtins.str
     """The worker."""
+    execution_id: _builtins.str
+    """The execution that made the results (from StartSiteJobResponse). A
+    superseded execution is refused with FAILED_PRECONDITION and nothing is
+    recorded. Empty: not checked.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultFile]:
         """The stored result files."""
@@ -1260,10 +1283,11 @@ class CompleteSiteJobRequest(_message.Message):
         worker_id: _builtins.str = ...,
         results: _abc.Iterable[Global___ResultFile] | None = ...,
         provenance: Global___Provenance | None = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "provenance", b"provenance", "results", b"results", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "provenance", b"provenance", "results", b"results", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1303,6 +1327,7 @@ class FailSiteJobRequest(_message.Message):
     FAILURE_CLASS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
@@ -1315,6 +1340,10 @@ class FailSiteJobRequest(_message.Message):
     """What went wrong, for people."""
     final: _builtins.bool
     """Give up now regardless of attempts left (e.g. the task was dead-lettered)."""
+    execution_id: _builtins.str
+    """The execution that failed (from StartSiteJobResponse); a superseded one
+    is refused with FAILED_PRECONDITION. Empty: not checked.
+    """
     def __init__(
         self,
         *,
@@ -1324,10 +1353,11 @@ class FailSiteJobRequest(_message.Message):
         failure_class: _types_pb2.FailureClass.ValueType = ...,
         reason: _builtins.str = ...,
         final: _builtins.bool = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure_class", b"failure_class", "final", b"final", "reason", b"reason", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "failure_class", b"failure_class", "final", b"final", "reason", b"reason", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1373,6 +1403,7 @@ class RenewSiteLeaseRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
@@ -1381,6 +1412,10 @@ class RenewSiteLeaseRequest(_message.Message):
     """The worker."""
     lease_seconds: _builtins.int
     """The lease's length from now, in seconds (5 to 3600)."""
+    execution_id: _builtins.str
+    """The execution that runs it (from StartSiteJobResponse); held is false
+    when another execution has taken the attempt over. Empty: not checked.
+    """
     def __init__(
         self,
         *,
@@ -1388,10 +1423,11 @@ class RenewSiteLeaseRequest(_message.Message):
         attempt: _builtins.int = ...,
         worker_id: _builtins.str = ...,
         lease_seconds: _builtins.int = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "lease_seconds", b"lease_seconds", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "lease_seconds", b"lease_seconds", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1406,7 +1442,8 @@ class RenewSiteLeaseResponse(_message.Message):
     HELD_FIELD_NUMBER: _builtins.int
     held: _builtins.bool
     """True if the worker holds the lease; false if the attempt is no longer
-    running (done, failed, requeued or superseded): keep the task unacknowledged.
+    running (done, failed, requeued, or taken over by another execution):
+    the worker stops the run and records nothing for it.
     """
     def __init__(
         self,
@@ -1440,6 +1477,7 @@ class SiteJob(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Its id."""
     pipeline_sha256: _builtins.str
@@ -1454,6 +1492,8 @@ class SiteJob(_message.Message):
     """The reason of the last failure, if any."""
     worker_id: _builtins.str
     """The worker of the last attempt."""
+    execution_id: _builtins.str
+    """The execution that holds (or last held) the current attempt."""
     @_builtins.property
     def site(self) -> _types_pb2.SiteRef:
         """The site."""
@@ -1494,10 +1534,11 @@ class SiteJob(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         results: _abc.Iterable[Global___ResultFile] | None = ...,
         provenance: Global___Provenance | None = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "provenance", b"provenance", "ready_at", b"ready_at", "site", b"site", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure_class", b"failure_class", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "id", b"id", "pipeline_sha256", b"pipeline_sha256", "provenance", b"provenance", "ready_at", b"ready_at", "results", b"results", "site", b"site", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "failure_class", b"failure_class", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "id", b"id", "pipeline_sha256", b"pipeline_sha256", "provenance", b"provenance", "ready_at", b"ready_at", "results", b"results", "site", b"site", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
