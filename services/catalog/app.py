@@ -13,6 +13,7 @@ from cellmesh.catalog.v1 import catalog_pb2_grpc
 from services.catalog import migrate
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
+from services.catalog.sweep import sweep_periodically, sweep_results
 from services.common.s3 import ObjectStore, ObjectStoreError
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
 from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port, positive_int
@@ -32,6 +33,13 @@ def _flag(raw: str) -> bool:
     raise ValueError("must be 1 or 0")
 
 
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more seconds")
+    return value
+
+
 DATABASE_VARS = (
     Var("DATABASE_URL", DEFAULT_DATABASE_URL, help="e.g. mysql+asyncmy://user:pass@host:3306/cellmesh"),
     Var("LOG_LEVEL", "INFO"),
@@ -43,6 +51,18 @@ CATALOG_VARS = (
     Var("GRPC_PORT", "50051", port),
     Var("MAX_ATTEMPTS", "3", positive_int, "CellProfiler attempts per site before it fails for good"),
     Var("CATALOG_MIGRATE_ON_START", "1", _flag, "1 to upgrade the database schema before serving"),
+    Var(
+        "SWEEP_INTERVAL_S",
+        "3600",
+        _seconds,
+        "seconds between sweeps of unregistered result objects; 0 turns it off",
+    ),
+    Var(
+        "SWEEP_GRACE_S",
+        "86400",
+        _seconds,
+        "an unregistered result object is swept only when older than this; keep it above any catalog outage",
+    ),
 )
 
 
@@ -56,6 +76,8 @@ class CatalogSettings:
     grace_seconds: float = 20.0
     max_attempts: int = 3
     migrate_on_start: bool = True
+    sweep_interval_seconds: float = 3600.0
+    sweep_grace_seconds: float = 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CatalogSettings:
@@ -75,6 +97,8 @@ class CatalogSettings:
             grace_seconds=v["GRACE_SECONDS"],
             max_attempts=v["MAX_ATTEMPTS"],
             migrate_on_start=v["CATALOG_MIGRATE_ON_START"],
+            sweep_interval_seconds=v["SWEEP_INTERVAL_S"],
+            sweep_grace_seconds=v["SWEEP_GRACE_S"],
         )
 
 
@@ -97,16 +121,28 @@ async def serve(
             bound = await server.start()
             if on_started is not None:
                 on_started(bound)
-            health = asyncio.create_task(watch_dependencies(server, store, objects, stop))
+            background = [asyncio.create_task(watch_dependencies(server, store, objects, stop))]
+            if settings.sweep_interval_seconds > 0:
+                background.append(
+                    asyncio.create_task(
+                        sweep_periodically(
+                            store,
+                            objects,
+                            settings.sweep_interval_seconds,
+                            settings.sweep_grace_seconds,
+                            stop,
+                        )
+                    )
+                )
             try:
                 await stop.wait()
                 log.info("stopping: draining in-flight calls")
                 servicer.close()
                 await server.stop()
             finally:
-                health.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await health
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
     finally:
         await store.close()
 
@@ -146,3 +182,15 @@ async def watch_dependencies(
 
 async def main(settings: CatalogSettings) -> None:
     await serve(settings, stop_event_on_signals())
+
+
+async def sweep_once(settings: CatalogSettings, grace_seconds: float | None, dry_run: bool) -> str:
+    """One sweep of unregistered result objects, for operators."""
+    store = CatalogStore.connect(settings.database_url, settings.max_attempts)
+    try:
+        async with ObjectStore(settings.s3) as objects:
+            grace = settings.sweep_grace_seconds if grace_seconds is None else grace_seconds
+            report = await sweep_results(store, objects, grace, dry_run=dry_run)
+    finally:
+        await store.close()
+    return ("dry run, nothing deleted: " if dry_run else "") + report.describe()

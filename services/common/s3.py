@@ -10,6 +10,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,6 +38,10 @@ class ChecksumMismatch(ValueError):
     """The object's bytes do not match the expected SHA-256."""
 
 
+class ObjectExists(RuntimeError):
+    """A put that must not overwrite found another object under its key."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     key: str
@@ -61,6 +66,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def _is_precondition_failed(exc: ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "412") or status == 412
 
 
 def _is_missing(exc: ClientError) -> bool:
@@ -130,20 +141,49 @@ class ObjectStore:
             await self._client.head_bucket(Bucket=self.bucket)
 
     async def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        if_absent: bool = False,
     ) -> StoredObject:
+        """Stores `data` under `key`. With `if_absent`, the put is conditional
+        (If-None-Match: *, on stores that support it): an object already
+        under the key is never replaced, and ObjectExists is raised unless it
+        holds these very bytes (a put retried after its reply was lost)."""
         digest = sha256_bytes(data)
-        async with self._errors(f"put {key}"):
-            await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}
-            )
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            async with self._errors(f"put {key}"):
+                await self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentType=content_type,
+                    Metadata={"sha256": digest},
+                    **condition,
+                )
+        except ObjectStoreError as exc:
+            cause = exc.__cause__
+            if not (if_absent and isinstance(cause, ClientError) and _is_precondition_failed(cause)):
+                raise
+            there = await self.head(key)
+            if there.sha256 != digest or there.size != len(data):
+                raise ObjectExists(
+                    f"put {key}: another object is stored under this key (SHA-256 {there.sha256 or 'unknown'}); "
+                    "it was left as it is"
+                ) from exc
         return StoredObject(key, len(data), digest)
 
     async def put_file(
-        self, key: str, path: Path, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        path: Path,
+        content_type: str = "application/octet-stream",
+        if_absent: bool = False,
     ) -> StoredObject:
         data = await asyncio.to_thread(path.read_bytes)
-        return await self.put_bytes(key, data, content_type)
+        return await self.put_bytes(key, data, content_type, if_absent=if_absent)
 
     async def head(self, key: str) -> StoredObject:
         async with self._errors(f"head {key}"):
@@ -169,11 +209,17 @@ class ObjectStore:
     async def list_keys(self, prefix: str) -> AsyncIterator[StoredObject]:
         """Every object under `prefix`, page by page (never used on the
         processing path: workers and reducers read keys from the catalog)."""
+        async for obj, _modified in self.list_objects(prefix):
+            yield obj
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[tuple[StoredObject, datetime]]:
+        """Every object under `prefix` with its last-modified time (for the
+        maintenance sweep)."""
         paginator = self._client.get_paginator("list_objects_v2")
         async with self._errors(f"list {prefix}"):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield StoredObject(item["Key"], int(item["Size"]), "")
+                    yield StoredObject(item["Key"], int(item["Size"]), ""), item["LastModified"]
 
     async def delete(self, key: str) -> None:
         async with self._errors(f"delete {key}"):
