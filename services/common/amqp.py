@@ -136,6 +136,12 @@ class Delivery:
     def settled(self) -> bool:
         return self._settled
 
+    @property
+    def channel_open(self) -> bool:
+        """False once the channel it came on is gone: the broker then gives
+        the message to another consumer, and it can no longer be settled."""
+        return bool(self._channel.is_open)
+
     def ack(self) -> None:
         self._settle(lambda: self._channel.basic_ack(self.delivery_tag))
 

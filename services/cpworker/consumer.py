@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 
 import grpc
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FC = types_pb2.FailureClass
 SITE_TASK_TYPE = "cellmesh.tasks.v1.SiteTask"
+GUARD_TICK_S = 1.0  # how often a running site's guard looks at its claim
 
 
 @dataclass
@@ -42,6 +44,7 @@ class WorkerStats:
     sites_failed: int = 0
     duplicates_skipped: int = 0
     redelivered: int = 0
+    runs_abandoned: int = 0
 
 
 async def _failpoint_slow_site() -> None:
@@ -65,9 +68,11 @@ class SiteConsumer:
         worker_id: str,
         ack_early_after: float = 1200.0,
         lease_seconds: int = 120,
+        renew_every: float | None = None,
     ) -> None:
         self.ack_early_after = ack_early_after
         self.lease_seconds = lease_seconds
+        self.renew_every = lease_seconds / 3 if renew_every is None else renew_every
         self.catalog = catalog
         self.processor = processor
         self.amqp_url = amqp_url
@@ -158,6 +163,10 @@ class SiteConsumer:
             delivery.requeue()
             return
         site = f"{claim.site.plate}/{claim.site.well}/s{claim.site.site} attempt {claim.attempt}"
+        # This handling of the delivery is an execution of its own: a
+        # redelivered task whose first execution may still be alive elsewhere
+        # must be told apart from it.
+        execution = secrets.token_hex(8)
         if delivery.redelivered:
             self.stats.redelivered += 1
             log.info("redelivered task: %s (delivery count %d)", site, delivery.delivery_count)
@@ -166,7 +175,10 @@ class SiteConsumer:
                 "starting a site job",
                 lambda: self.catalog.StartSiteJob(
                     catalog_pb2.StartSiteJobRequest(
-                        site_job_id=claim.site_job_id, attempt=claim.attempt, worker_id=self.worker_id
+                        site_job_id=claim.site_job_id,
+                        attempt=claim.attempt,
+                        worker_id=self.worker_id,
+                        execution_id=execution,
                     ),
                     timeout=30,
                 ),
@@ -183,59 +195,137 @@ class SiteConsumer:
             log.info("skipping %s: %s", site, start.detail or catalog_pb2.StartDecision.Name(decision))  # type: ignore[attr-defined]
             delivery.ack()
             return
+        execution = start.execution_id or execution  # type: ignore[attr-defined]
+        site = f"{site} execution {execution}"
 
         phase = Phase(claim)
         self.active[claim.site_job_id] = phase
-        keeper = asyncio.create_task(self._keep_lease(claim, delivery, site))
         try:
-            await _failpoint_slow_site()
-            outcome = await self.processor.process(claim, self._runners, phase)
-        finally:
-            keeper.cancel()
-        try:
+            outcome = await self._run_guarded(claim, execution, delivery, phase, site)
+            if outcome is None:
+                return
             phase.name = "registering"
             if isinstance(outcome, Success):
-                await self._complete(claim, outcome, site)
+                await self._complete(claim, execution, outcome, site)
                 delivery.ack()
             else:
-                await self._fail(claim, outcome, site, delivery)
+                await self._fail(claim, execution, outcome, site, delivery)
         finally:
             self.active.pop(claim.site_job_id, None)
 
-    async def _keep_lease(self, claim: catalog_pb2.SiteClaim, delivery: Delivery, site: str) -> None:
-        """A site that runs longer than `ack_early_after` (kept below the
-        broker's consumer timeout) takes a lease in the catalog and has its
-        task acknowledged, so the broker never closes the channel under it nor
-        hands the site to another worker; the lease is renewed until the site
-        ends. If this worker dies, the lease runs out and the catalog lets the
-        site be claimed again."""
-        await asyncio.sleep(self.ack_early_after)
+    async def _run_guarded(
+        self, claim: catalog_pb2.SiteClaim, execution: str, delivery: Delivery, phase: Phase, site: str
+    ) -> Success | Failure | None:
+        """Runs the site while a guard watches that this execution still holds
+        it; when it does not (see `_guard`), the run is cancelled, CellProfiler
+        stopped, nothing uploaded or recorded, and None returned."""
+
+        async def work() -> Success | Failure:
+            await _failpoint_slow_site()
+            return await self.processor.process(claim, self._runners, phase, execution)
+
+        running = asyncio.create_task(work())
+        lost: list[str] = []
+        guard = asyncio.create_task(self._guard(claim, execution, delivery, site, running, lost))
+        try:
+            return await running
+        except asyncio.CancelledError:
+            if not lost:
+                raise  # the worker is stopping: the handler hands the task back
+            self.stats.runs_abandoned += 1
+            log.warning("stopped %s: %s; nothing of it is stored or recorded", site, lost[0])
+            if not delivery.settled:
+                # Still open only when the catalog gave the attempt to someone
+                # else: this task is obsolete.
+                delivery.ack()
+            return None
+        finally:
+            guard.cancel()
+            await asyncio.gather(guard, return_exceptions=True)
+
+    async def _guard(
+        self,
+        claim: catalog_pb2.SiteClaim,
+        execution: str,
+        delivery: Delivery,
+        site: str,
+        running: asyncio.Task[Success | Failure],
+        lost: list[str],
+    ) -> None:
+        """Keeps the site's claim and stops the run when the claim is gone.
+
+        - While the task is unacknowledged, the broker holds the site for this
+          worker; if the connection under it closes, the broker hands the site
+          to another worker, so this run stops.
+        - Every third of `lease_seconds` the execution renews its lease in the
+          catalog. A site that runs longer than `ack_early_after` (kept below
+          the broker's consumer timeout) has its task acknowledged once it
+          holds a lease: from then on the lease alone guards it.
+        - When the catalog answers that the attempt is no longer this
+          execution's (another execution took it over, or it was requeued),
+          or the lease could not be renewed for `lease_seconds` (so another
+          worker may have it now), the run stops.
+        """
         request = catalog_pb2.RenewSiteLeaseRequest(
             site_job_id=claim.site_job_id,
             attempt=claim.attempt,
             worker_id=self.worker_id,
             lease_seconds=self.lease_seconds,
+            execution_id=execution,
         )
-        while True:
+        try:
+            reason = await self._watch_claim(request, delivery, site)
+        except Exception as exc:  # a guard that cannot watch must not leave the run unguarded
+            log.exception("the guard of %s failed", site)
+            reason = f"its guard failed ({exc})"
+        lost.append(reason)
+        running.cancel()
+
+    async def _watch_claim(
+        self, request: catalog_pb2.RenewSiteLeaseRequest, delivery: Delivery, site: str
+    ) -> str:
+        """Returns why the claim is gone, once it is (see `_guard`)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        next_renewal = started + self.renew_every
+        lease_until: float | None = None
+        reason = ""
+        while not reason:
+            await asyncio.sleep(GUARD_TICK_S)
+            now = loop.time()
+            if not delivery.settled and not delivery.channel_open:
+                reason = "the broker connection under it closed, so the broker hands it to another worker"
+                break
+            if lease_until is not None and now > lease_until:
+                reason = f"its lease could not be renewed for {self.lease_seconds} s"
+                break
+            if now < next_renewal:
+                continue
+            next_renewal = now + self.renew_every
             try:
                 reply = await self.catalog.RenewSiteLease(request, timeout=10)
             except grpc.aio.AioRpcError as exc:
                 log.warning("could not renew the lease of %s: %s", site, exc.details())
-            else:
-                if not reply.held:
-                    return
-                if not delivery.settled:
-                    delivery.ack()
-                    log.info("%s runs long: lease taken, task acknowledged early", site)
-            await asyncio.sleep(self.lease_seconds / 3)
+                continue
+            if not reply.held:
+                reason = "the catalog says this execution no longer holds the attempt"
+                break
+            lease_until = loop.time() + self.lease_seconds
+            if not delivery.settled and now - started >= self.ack_early_after:
+                delivery.ack()
+                log.info("%s runs long: lease taken, task acknowledged early", site)
+        return reason
 
-    async def _complete(self, claim: catalog_pb2.SiteClaim, outcome: Success, site: str) -> None:
+    async def _complete(
+        self, claim: catalog_pb2.SiteClaim, execution: str, outcome: Success, site: str
+    ) -> None:
         request = catalog_pb2.CompleteSiteJobRequest(
             site_job_id=claim.site_job_id,
             attempt=claim.attempt,
             worker_id=self.worker_id,
             results=outcome.results,
             provenance=outcome.provenance,
+            execution_id=execution,
         )
         try:
             await self._catalog(
@@ -251,7 +341,12 @@ class SiteConsumer:
         log.info("done %s in %.2f s (%s)", site, outcome.provenance.run_seconds, counts)
 
     async def _fail(
-        self, claim: catalog_pb2.SiteClaim, outcome: Failure, site: str, delivery: Delivery
+        self,
+        claim: catalog_pb2.SiteClaim,
+        execution: str,
+        outcome: Failure,
+        site: str,
+        delivery: Delivery,
     ) -> None:
         self.stats.sites_failed += 1
         cls_name = types_pb2.FailureClass.Name(outcome.failure_class)  # type: ignore[arg-type]
@@ -260,7 +355,9 @@ class SiteConsumer:
             # No attempt is counted: the same attempt goes back through a delay queue.
             with contextlib.suppress(GaveUp, grpc.aio.AioRpcError):
                 await with_backoff(
-                    lambda: self.catalog.FailSiteJob(self._fail_request(claim, outcome), timeout=10),
+                    lambda: self.catalog.FailSiteJob(
+                        self._fail_request(claim, execution, outcome), timeout=10
+                    ),
                     "recording a transient failure",
                     give_up_after=10,
                 )
@@ -270,7 +367,7 @@ class SiteConsumer:
         try:
             reply = await self._catalog(
                 "recording a failed site",
-                lambda: self.catalog.FailSiteJob(self._fail_request(claim, outcome), timeout=30),
+                lambda: self.catalog.FailSiteJob(self._fail_request(claim, execution, outcome), timeout=30),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
@@ -287,11 +384,14 @@ class SiteConsumer:
             # dead-letter queue, where it is parked for people to inspect.
             delivery.reject()
 
-    def _fail_request(self, claim: catalog_pb2.SiteClaim, outcome: Failure) -> catalog_pb2.FailSiteJobRequest:
+    def _fail_request(
+        self, claim: catalog_pb2.SiteClaim, execution: str, outcome: Failure
+    ) -> catalog_pb2.FailSiteJobRequest:
         return catalog_pb2.FailSiteJobRequest(
             site_job_id=claim.site_job_id,
             attempt=claim.attempt,
             worker_id=self.worker_id,
+            execution_id=execution,
             failure_class=outcome.failure_class,  # type: ignore[arg-type]
             reason=outcome.reason,
         )

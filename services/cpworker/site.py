@@ -24,7 +24,7 @@ from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
 from services.common.retry import GaveUp, with_backoff
-from services.common.s3 import ChecksumMismatch, ObjectMissing, ObjectStore, ObjectStoreError
+from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,14 @@ class Phase:
     started_at: float = field(default_factory=time.time)
 
 
-def result_prefix(claim: catalog_pb2.SiteClaim) -> str:
-    """Deterministic key prefix of an attempt's results. The attempt is part of
-    it, so files of an attempt that died half-way never mix with a later one;
-    only files registered in the catalog count."""
+def result_prefix(claim: catalog_pb2.SiteClaim, execution: str) -> str:
+    """Key prefix of one execution's results: the attempt and the execution
+    are part of it, so no two executions of a site (a worker cut off by the
+    network and the one its task was redelivered to) ever write the same
+    object; only files registered in the catalog count, and the others are
+    swept (see services/catalog/sweep.py)."""
     s = claim.site
-    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/a{claim.attempt}"
+    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/a{claim.attempt}-{execution}"
 
 
 def safe_file_name(image: catalog_pb2.Image) -> str:
@@ -204,19 +206,28 @@ class SiteProcessor:
         )
 
     async def process(
-        self, claim: catalog_pb2.SiteClaim, runners: asyncio.Queue[SiteRunner], phase: Phase
+        self,
+        claim: catalog_pb2.SiteClaim,
+        runners: asyncio.Queue[SiteRunner],
+        phase: Phase,
+        execution: str,
     ) -> Success | Failure:
         self.work_root.mkdir(parents=True, exist_ok=True)
         workdir = Path(
             tempfile.mkdtemp(prefix=f"site{claim.site_job_id}-a{claim.attempt}-", dir=self.work_root)
         )
         try:
-            return await self._process(claim, runners, phase, workdir)
+            return await self._process(claim, runners, phase, workdir, execution)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
     async def _process(
-        self, claim: catalog_pb2.SiteClaim, runners: asyncio.Queue[SiteRunner], phase: Phase, workdir: Path
+        self,
+        claim: catalog_pb2.SiteClaim,
+        runners: asyncio.Queue[SiteRunner],
+        phase: Phase,
+        workdir: Path,
+        execution: str,
     ) -> Success | Failure:
         """Fetches inputs, waits for a free CellProfiler, runs it, and gives it
         back before storing the outputs: with two tasks per slot, one site's
@@ -264,7 +275,7 @@ class SiteProcessor:
 
         phase.name = "uploading"
         t2 = time.perf_counter()
-        prefix = result_prefix(claim)
+        prefix = result_prefix(claim, execution)
         outputs = sorted(p for p in out_dir.rglob("*") if p.is_file())
         names = [p.relative_to(out_dir).as_posix() for p in outputs]
         try:
@@ -272,7 +283,9 @@ class SiteProcessor:
                 *(
                     self._s3(
                         f"upload {name}",
-                        partial(self.store.put_file, f"{prefix}/{name}", path, _content_type(path)),
+                        partial(
+                            self.store.put_file, f"{prefix}/{name}", path, _content_type(path), if_absent=True
+                        ),
                     )
                     for name, path in zip(names, outputs, strict=True)
                 )
@@ -286,6 +299,8 @@ class SiteProcessor:
             ]
         except GaveUp as exc:
             return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
+        except ObjectExists as exc:
+            return Failure(FC.FAILURE_CLASS_OUTPUT_PROBLEM, str(exc))
         upload_s = time.perf_counter() - t2
         provenance = catalog_pb2.Provenance(
             cellprofiler_version=result.cp_version,
