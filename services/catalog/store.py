@@ -1134,8 +1134,10 @@ class CatalogStore:
         provenance: Provenance | None,
         execution_id: str = "",
     ) -> bool:
-        """Records a successful attempt; False if the same execution recorded
-        it already (a replay). Another execution's result is refused: a
+        """Records a successful attempt. True if it is recorded for this
+        execution (a replay of the call that recorded it answers True again),
+        False if the site was done already by an earlier attempt or a call
+        without an execution id. Another execution's result is refused: a
         registered result is never replaced."""
         problems = _check_results(results)
         if problems:
@@ -1147,7 +1149,9 @@ class CatalogStore:
             state = SiteState(job.state)
             _check_holder(job, job_id, attempt, execution_id)
             if state == SiteState.DONE:
-                return False, plate
+                # The same execution again is a replay of the call that recorded it.
+                replay = bool(execution_id) and job.execution_id == execution_id and attempt == job.attempt
+                return replay, plate
             if attempt != job.attempt:
                 raise FailedPrecondition(f"attempt {attempt} is stale, site is at attempt {job.attempt}")
             if state == SiteState.FAILED:
@@ -1197,6 +1201,15 @@ class CatalogStore:
         async def work(session: AsyncSession) -> tuple[FailResult, str]:
             job, run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
+            if (
+                execution_id
+                and job.execution_id == execution_id
+                and attempt == job.attempt - 1
+                and state == SiteState.QUEUED
+                and job.failure_class == int(failure_class)
+            ):
+                # A replay of the call that put this retry in place (its reply was lost).
+                return FailResult(True, job.attempt, SiteState.QUEUED), plate
             if state != SiteState.DONE:
                 _check_holder(job, job_id, attempt, execution_id)
             if state in SETTLED:

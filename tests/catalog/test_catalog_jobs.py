@@ -330,7 +330,7 @@ async def test_a_redelivered_attempt_runs_as_a_new_execution_and_only_it_is_reco
             )
         )
     assert (await complete("bbbb2222", "B.csv")).recorded
-    assert not (await complete("bbbb2222", "B.csv")).recorded
+    assert (await complete("bbbb2222", "B.csv")).recorded  # a replay: the first call's answer
     # The cut-off execution finishing late never replaces what was recorded.
     with refused(PRECONDITION, "taken over by execution bbbb2222"):
         await complete("aaaa1111", "A.csv")
@@ -353,3 +353,49 @@ async def one_site_more(catalog: Catalog) -> catalog_pb2.SiteClaim:
     await ready_sites(catalog.stub, "P2", 1)
     (claim,) = await claim_all(catalog.stub)
     return claim
+
+
+async def test_a_replayed_fail_or_complete_gets_the_first_calls_outcome(catalog: Catalog) -> None:
+    """A call whose reply was lost is retried by the worker: the replay must
+    not turn a recorded retry into a refusal (the worker would then publish no
+    retry and the site would wait forever)."""
+    claim = await one_site(catalog)
+    job = claim.site_job_id
+    await catalog.stub.StartSiteJob(
+        catalog_pb2.StartSiteJobRequest(site_job_id=job, attempt=1, worker_id="w", execution_id="e1")
+    )
+    request = catalog_pb2.FailSiteJobRequest(
+        site_job_id=job,
+        attempt=1,
+        worker_id="w",
+        failure_class=FC.FAILURE_CLASS_CP_PROBLEM,
+        reason="segfault",
+        execution_id="e1",
+    )
+    first = await catalog.stub.FailSiteJob(request)
+    assert first.will_retry and first.next_attempt == 2 and first.state == types_pb2.SITE_STATE_QUEUED
+    assert await catalog.stub.FailSiteJob(request) == first
+    # Another execution's late failure of attempt 1 is still stale.
+    with refused(PRECONDITION, "attempt 1 is stale, site is at attempt 2"):
+        await catalog.stub.FailSiteJob(
+            catalog_pb2.FailSiteJobRequest(
+                site_job_id=job,
+                attempt=1,
+                worker_id="w",
+                failure_class=FC.FAILURE_CLASS_CP_PROBLEM,
+                reason="late",
+                execution_id="e0",
+            )
+        )
+    await catalog.stub.StartSiteJob(
+        catalog_pb2.StartSiteJobRequest(site_job_id=job, attempt=2, worker_id="w", execution_id="e2")
+    )
+    complete = catalog_pb2.CompleteSiteJobRequest(
+        site_job_id=job,
+        attempt=2,
+        worker_id="w",
+        results=[result_file(claim, "Image.csv")],
+        execution_id="e2",
+    )
+    assert (await catalog.stub.CompleteSiteJob(complete)).recorded
+    assert (await catalog.stub.CompleteSiteJob(complete)).recorded

@@ -1301,7 +1301,9 @@ class CompleteSiteJobResponse(_message.Message):
 
     RECORDED_FIELD_NUMBER: _builtins.int
     recorded: _builtins.bool
-    """True if this call recorded it, false if it was recorded before."""
+    """True if this call recorded it, or replays (same execution id) the call
+    that did; false if it was recorded before by another call.
+    """
     def __init__(
         self,
         *,
