@@ -12,6 +12,10 @@ What the mesh needs to know about a pipeline before it runs it on every site:
 * whether it can run one site at a time: modules that work across all image
   sets of a run (CalculateStatistics, CreateBatchFiles, LoadData,
   ExportToDatabase, ...) cannot.
+* whether it may run on every worker at all (`check_safe`): stock CellProfiler
+  4.2 modules only unless an operator enables others, files written only
+  inside the run's Default Output Folder and read only from the run's folders,
+  and nothing CellProfiler would evaluate as Python while loading it.
 
 A .cppipe file is a header (``CellProfiler Pipeline: http://www.cellprofiler.org``,
 ``Version:5``, ``ModuleCount:14``, ...) then one block per module: a line
@@ -22,9 +26,11 @@ labels and values (``\\x5B`` for ``[``, ``\\x7C`` for ``|``, ``\\'`` ...).
 
 from __future__ import annotations
 
+import ast
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field, replace
 
 HEADER = "CellProfiler Pipeline: http://www.cellprofiler.org"
 HEADER_START = "CellProfiler Pipeline:"
@@ -112,6 +118,10 @@ class Pipeline:
     exports: tuple[ExportFile, ...]
     problems: tuple[str, ...] = field(default=())
     """Why the pipeline cannot run one site at a time (empty if it can)."""
+    source: str = field(default="", repr=False, compare=False)
+    """The text as read, for `check_safe` (which reads it the way CellProfiler does)."""
+    utf8: bool = True
+    """Whether the bytes were UTF-8 (CellProfiler reads other files with escapes decoded)."""
 
     @property
     def module_names(self) -> list[str]:
@@ -136,9 +146,9 @@ def parse(content: bytes | str) -> Pipeline:
             raise PipelineError(
                 f"the pipeline is {len(content)} bytes; at most {MAX_PIPELINE_BYTES} (4 MiB) are accepted"
             )
-        text = _decode(content)
+        text, utf8 = _decode(content)
     else:
-        text = content
+        text, utf8 = content, True
     lines = text.splitlines()
     if not lines or not lines[0].strip().startswith(HEADER_START):
         raise PipelineError(_not_a_pipeline(text))
@@ -196,7 +206,7 @@ def parse(content: bytes | str) -> Pipeline:
         )
     if not modules:
         raise PipelineError("the pipeline has no modules")
-    return _analyse(version, tuple(modules))
+    return replace(_analyse(version, tuple(modules)), source=text, utf8=utf8)
 
 
 def check_runs_per_site(pipeline: Pipeline) -> None:
@@ -206,17 +216,11 @@ def check_runs_per_site(pipeline: Pipeline) -> None:
         raise PipelineError("; ".join(pipeline.problems))
 
 
-def parse_for_sites(content: bytes | str) -> Pipeline:
-    """`parse`, then `check_runs_per_site`."""
-    pipeline = parse(content)
-    check_runs_per_site(pipeline)
-    return pipeline
-
-
 # -- reading -------------------------------------------------------------------
 
 
-def _decode(content: bytes) -> str:
+def _decode(content: bytes) -> tuple[str, bool]:
+    """The text, and whether it was UTF-8 (else it is read as Latin-1)."""
     if b"\x00" in content[:4096]:
         if content.startswith(b"\x89HDF"):
             raise PipelineError(
@@ -227,9 +231,9 @@ def _decode(content: bytes) -> str:
     if content.startswith(b"\xef\xbb\xbf"):
         content = content[3:]
     try:
-        return content.decode("utf-8")
+        return content.decode("utf-8"), True
     except UnicodeDecodeError:
-        return content.decode("latin-1")
+        return content.decode("latin-1"), False
 
 
 def _not_a_pipeline(text: str) -> str:
@@ -469,3 +473,582 @@ def _spreadsheet_files(module: Module, objects: list[str]) -> tuple[list[ExportF
         previous_is_object = is_object
     flush()
     return files, problems
+
+
+# -- what a pipeline may do ------------------------------------------------------
+#
+# A registered pipeline is code that every worker runs, so registration refuses
+# what would let it act outside its site's run: modules that run programs or
+# load code (unless an operator enables them for the pipeline), files written
+# outside the run's Default Output Folder, files read from outside the run's
+# folders or from the network, and anything CellProfiler would evaluate as
+# Python while it loads the pipeline. The checks read the file the way
+# CellProfiler 4.2's own text reader does (``Pipeline.parse_pipeline`` and
+# ``setup_module`` in cellprofiler_core/pipeline/_pipeline.py): it strips each
+# line, ends a module at a blank line, ignores setting labels (settings are
+# taken by position), decodes ``\xNN`` escapes in every version, and eval()s
+# every module attribute inside ``[...]``.
+
+#: The modules that ship with CellProfiler 4.2.8: the ``builtin_modules`` tables of
+#: cellprofiler_core/constants/modules/__init__.py (the first six) and
+#: cellprofiler/modules/__init__.py (the other 88), read from the installed
+#: cellprofiler 4.2.8.1 and cellprofiler-core 4.2.8.1 packages.
+STOCK_MODULES = frozenset(
+    {
+        # cellprofiler_core.modules
+        "Align", "Groups", "Images", "LoadData", "Metadata", "NamesAndTypes",
+        # cellprofiler.modules
+        "CalculateMath", "CalculateStatistics", "ClassifyObjects", "Closing", "ColorToGray",
+        "CombineObjects", "ConvertImageToObjects", "ConvertObjectsToImage",
+        "CorrectIlluminationApply", "CorrectIlluminationCalculate", "CreateBatchFiles", "Crop",
+        "DefineGrid", "DilateImage", "DilateObjects", "DisplayDataOnImage", "DisplayDensityPlot",
+        "DisplayHistogram", "DisplayPlatemap", "DisplayScatterPlot", "EditObjectsManually",
+        "EnhanceEdges", "EnhanceOrSuppressFeatures", "ErodeImage", "ErodeObjects",
+        "ExpandOrShrinkObjects", "ExportToDatabase", "ExportToSpreadsheet", "FillObjects",
+        "FilterObjects", "FindMaxima", "FlagImage", "FlipAndRotate", "GaussianFilter",
+        "GrayToColor", "IdentifyDeadWorms", "IdentifyObjectsInGrid", "IdentifyObjectsManually",
+        "IdentifyPrimaryObjects", "IdentifySecondaryObjects", "IdentifyTertiaryObjects",
+        "ImageMath", "InvertForPrinting", "LabelImages", "MakeProjection", "MaskImage",
+        "MaskObjects", "MatchTemplate", "MeasureColocalization", "MeasureGranularity",
+        "MeasureImageAreaOccupied", "MeasureImageIntensity", "MeasureImageOverlap",
+        "MeasureImageQuality", "MeasureImageSkeleton", "MeasureObjectIntensity",
+        "MeasureObjectIntensityDistribution", "MeasureObjectNeighbors", "MeasureObjectOverlap",
+        "MeasureObjectSizeShape", "MeasureObjectSkeleton", "MeasureTexture", "MedialAxis",
+        "MedianFilter", "Morph", "MorphologicalSkeleton", "Opening", "OverlayObjects",
+        "OverlayOutlines", "ReduceNoise", "RelateObjects", "RemoveHoles", "RescaleIntensity",
+        "Resize", "ResizeObjects", "RunImageJMacro", "SaveCroppedObjects", "SaveImages",
+        "ShrinkToObjectCenters", "Smooth", "SplitOrMergeObjects", "StraightenWorms", "Threshold",
+        "Tile", "TrackObjects", "UnmixColors", "UntangleWorms", "Watershed",
+    }
+)  # fmt: skip
+
+#: Old names CellProfiler 4.2 still loads, as the module they became
+#: (``renamed_modules`` in cellprofiler_core/constants/modules/__init__.py).
+RENAMED_MODULES = {
+    "ApplyThreshold": "Threshold",
+    "CalculateImageOverlap": "MeasureImageOverlap",
+    "CropObjects": "SaveCroppedObjects",
+    "Dilation": "DilateImage",
+    "MeasureNeurons": "MeasureObjectSkeleton",
+    "MeasureCorrelation": "MeasureColocalization",
+    "NoiseReduction": "ReduceNoise",
+    "ReassignObjectNumbers": "SplitOrMergeObjects",
+    "SplitIntoContiguousObjects": "SplitOrMergeObjects",
+    "Erosion": "ErodeImage",
+}
+
+#: Modules CellProfiler 4.2 no longer has (``replaced_modules`` there), with what replaced them.
+REPLACED_MODULES = {
+    "LoadImageDirectory": "LoadData",
+    "GroupMovieFrames": "LoadData",
+    "IdentifyPrimLoG": "IdentifyPrimaryObjects",
+    "FileNameMetadata": "Metadata",
+    "LoadSingleImage": "NamesAndTypes",
+    "LoadImages": "NamesAndTypes",
+}
+
+#: Modules that run other programs or load code, and what they do. Each one needs
+#: an operator's say-so for the pipeline (``allow_modules``). RunImageJMacro is
+#: stock; the others are CellProfiler-plugins modules, named here to say what they do.
+RUNS_CODE = {
+    "RunImageJMacro": "runs external programs (ImageJ/Fiji and a macro file)",
+    "RunImageJScript": "runs external programs (ImageJ scripts; a plugin)",
+    "RunCellpose": "loads and runs a Cellpose model (a plugin)",
+    "RunStarDist": "loads and runs a StarDist model (a plugin)",
+    "RunOmnipose": "loads and runs an Omnipose model (a plugin)",
+    "Predict": "runs the ilastik program (a plugin)",
+}
+
+#: Stock modules that in one mode load a classifier file with joblib, a Python
+#: pickle that runs code when loaded: (the label of the mode setting, that mode).
+LOADS_PICKLE = {
+    "FilterObjects": ("Select the filtering mode", "Classifiers"),
+    "FlagImage": ("Flag is based on", "Classifier"),
+    "ClassifyObjects": ("Make classification decision based on", "Classifier Model"),
+}
+
+OPERATOR_MUST_ENABLE = "an operator must enable it for this pipeline"
+
+# CellProfiler's folder choices (cellprofiler_core/preferences: *_FOLDER_NAME,
+# FOLDER_CHOICE_TRANSLATIONS; SaveImages adds "Same folder as image").
+IN_FOLDER = "Default Input Folder"
+IN_SUBFOLDER = "Default Input Folder sub-folder"
+OUT_FOLDER = "Default Output Folder"
+OUT_SUBFOLDER = "Default Output Folder sub-folder"
+ELSEWHERE = "Elsewhere..."
+URL_FOLDER = "URL"
+NO_FOLDER = "None"
+WITH_IMAGE = "Same folder as image"
+_FOLDER_CHOICES = {
+    IN_FOLDER: IN_FOLDER,
+    OUT_FOLDER: OUT_FOLDER,
+    "Absolute path elsewhere": ELSEWHERE,
+    "Default input directory sub-folder": IN_SUBFOLDER,
+    IN_SUBFOLDER: IN_SUBFOLDER,
+    "Default output directory sub-folder": OUT_SUBFOLDER,
+    OUT_SUBFOLDER: OUT_SUBFOLDER,
+    URL_FOLDER: URL_FOLDER,
+    NO_FOLDER: NO_FOLDER,
+    ELSEWHERE: ELSEWHERE,
+    WITH_IMAGE: WITH_IMAGE,
+}
+
+#: Stock modules that write files, with the label of the folder they write to.
+#: CellProfiler takes settings by position, not by label, so every folder
+#: setting of these modules is taken as where they write, except SaveImages'
+#: second ("Base image folder"), which only says where mirrored sub-folders start.
+WRITES_FILES = {
+    "ExportToSpreadsheet": "Output file location",
+    "SaveImages": "Output file location",
+    "SaveCroppedObjects": "Directory",
+    "MeasureObjectSkeleton": "File output directory",
+    "ExportToDatabase": "Output file location",
+    "CalculateStatistics": "Output file location",
+}
+#: Stock modules that read files (rules, classifiers, metadata tables, worm
+#: training sets, ImageJ) from folder settings with these labels: reading from
+#: the Default Input or Output Folder is fine, from anywhere else it is not.
+READS_FILES = {
+    "Metadata": ("Metadata file location",),
+    "FilterObjects": ("Select the location of the rules or classifier file",),
+    "FlagImage": ("Rules file location",),
+    "ClassifyObjects": ("Select the location of the classifier model file",),
+    "LoadData": ("Input data file location", "Base image location"),
+    "StraightenWorms": ("Training set file location",),
+    "UntangleWorms": ("Training set file location",),
+    "RunImageJMacro": ("Executable directory", "Macro directory"),
+}
+#: SaveImages settings that become part of a file name.
+SAVEIMAGES_FILE_NAMES = ("Enter single file name", "Enter file prefix", "Text to append to the image name")
+#: Where SaveImages' settings are, by revision (CellProfiler reads them by
+#: position, whatever their labels say; cellprofiler/modules/saveimages.py
+#: ``settings()`` and ``upgrade_settings``): (output folder, "Create subfolders
+#: in the output folder?", "Base image folder", the settings that become part
+#: of file names). A SaveImages of another revision has every folder setting
+#: checked as an output folder.
+SAVEIMAGES_POSITIONS = {11: (11, 19, 20, (6, 9)), **{rev: (9, 14, 15, (4, 7)) for rev in range(12, 17)}}
+#: Joiner settings, which CellProfiler reads with eval() (cellprofiler_core/setting/_joiner.py).
+JOINERS = {"Metadata": ("Match file and image metadata",), "NamesAndTypes": ("Match metadata",)}
+
+_MODULE_ATTRIBUTES = frozenset(
+    {"module_num", "svn_version", "variable_revision_number", "show_window", "notes", "batch_state",
+     "enabled", "wants_pause"}
+)  # fmt: skip
+_BATCH_STATE_RE = re.compile(r"array\(\[[0-9,\s]*\],\s*dtype=uint8\)")
+_NOTES_RE = re.compile(r"(?P<note>\|notes:\[.*?\]\|)")
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")  # what a text-mode file splits on
+_TAG_RE = re.compile(r"\\g<[^>]*>|\(\?<[^>]*>\)|\(\?P<[^>]*>")  # metadata tags, as apply_metadata finds them
+_ESCAPING_RE = re.compile(r"(^|/)\.\.(/|$)")
+# Python a Joiner's eval() (no builtins) may meet in a plain value; anything else is code.
+_PLAIN_NODES = (
+    ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.List, ast.Dict, ast.Set,
+    ast.UnaryOp, ast.UAdd, ast.USub, ast.Not, ast.Invert, ast.BinOp, ast.Add, ast.Sub, ast.Div,
+    ast.FloorDiv, ast.BitOr, ast.BitAnd, ast.BitXor, ast.Compare, ast.Eq, ast.NotEq, ast.Lt,
+    ast.LtE, ast.Gt, ast.GtE, ast.BoolOp, ast.And, ast.Or, ast.Attribute,
+)  # fmt: skip
+
+
+def check_safe(pipeline: Pipeline, allow_modules: Collection[str] = ()) -> None:
+    """Raises PipelineError naming every module (number and name) and setting
+    that would let the pipeline act outside its site's run.
+
+    ``allow_modules`` names the modules an operator enabled for this pipeline:
+    modules that run programs or load code (RunImageJMacro, plugins such as
+    RunCellpose, FilterObjects with a classifier) and modules that are not
+    stock CellProfiler 4.2 modules. It enables the module, not its settings:
+    the locations it writes to and reads from are checked all the same.
+    """
+    problems = safety_problems(pipeline, allow_modules)
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+def safety_problems(pipeline: Pipeline, allow_modules: Collection[str] = ()) -> list[str]:
+    """What `check_safe` refuses, one sentence per problem (empty if nothing)."""
+    problems: list[str] = []
+    if not pipeline.utf8:
+        problems.append(
+            "the pipeline is not UTF-8 text: CellProfiler 4.2 would read it with escape sequences "
+            "decoded, differently from what was checked; save it again from CellProfiler 4.2"
+        )
+    read, image_plane_details, stopped = _cellprofiler_reads(pipeline.source)
+    if image_plane_details:
+        problems.append(
+            "the pipeline carries its own list of image files (HasImagePlaneDetails:True): cellmesh "
+            "hands each site's images to CellProfiler; export the pipeline without its file list"
+        )
+    if stopped:
+        problems.append(f"CellProfiler 4.2 would stop reading the pipeline: {stopped}")
+    ours = [m.name for m in pipeline.modules]
+    theirs = [r.name for r in read]
+    if not stopped and theirs != ours:
+        problems.append(
+            "CellProfiler 4.2 would read other modules from this file than cellmesh does "
+            f"(it reads {', '.join(theirs[:20])}; cellmesh reads {', '.join(ours[:20])}): "
+            "save the pipeline again from CellProfiler 4.2"
+        )
+        return problems
+    allowed = set(allow_modules)
+    for position, item in enumerate(read):
+        number = pipeline.modules[position].number if position < len(pipeline.modules) else position + 1
+        name = _canonical(item.name)
+        module = Module(name=item.name, number=number, enabled=True, settings=item.settings)
+        attributes, wrong = _attributes(module.title, item.attributes)
+        problems += wrong
+        problems += _module_problems(module, name, allowed)
+        problems += _location_problems(module, name, attributes.get("variable_revision_number"))
+        problems += _code_problems(module, name)
+    return problems
+
+
+def parse_for_sites(content: bytes | str, *, allow_modules: Collection[str] = ()) -> Pipeline:
+    """`parse`, then `check_safe` and `check_runs_per_site`, refusing with every
+    problem of both in one error."""
+    pipeline = parse(content)
+    problems = safety_problems(pipeline, allow_modules) + list(pipeline.problems)
+    if problems:
+        raise PipelineError("; ".join(problems))
+    return pipeline
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One module as CellProfiler 4.2's text reader sees it."""
+
+    name: str
+    attributes: str
+    settings: tuple[tuple[str, str], ...]
+
+
+def _cellprofiler_reads(text: str) -> tuple[list[_Read], bool, str]:
+    """(modules, whether a file list follows, why it stops reading if it does),
+    the way cellprofiler_core 4.2.8's Pipeline.parse_pipeline reads the text.
+
+    Like CellProfiler, it stops at the first module it cannot read: nothing
+    after that is ever evaluated."""
+    lines = _LINE_BREAK_RE.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    stream = iter(lines)
+
+    def readline() -> str | None:
+        line = next(stream, None)
+        return None if line is None else line.strip()
+
+    first = readline()
+    if first is None or not first.startswith(HEADER):
+        return [], False, f"its first line is not exactly '{HEADER}'"
+    count = sys.maxsize
+    details = False
+    while True:
+        line = readline()
+        if line is None:
+            return [], details, "the file ends in its header"
+        if not line:
+            break
+        parts = line.split(":")
+        if len(parts) != 2:
+            return [], details, f"the header line {line[:60]!r} is not one 'Key:value'"
+        key, value = parts
+        try:
+            if key in ("Version", "SVNRevision", "DateRevision"):
+                int(value)
+            elif key == "ModuleCount":
+                count = int(value)
+        except ValueError:
+            return [], details, f"the header line {line[:60]!r} has no number"
+        if key == "HasImagePlaneDetails":
+            details = value == "True"
+    read: list[_Read] = []
+    for _ in range(count):
+        line = readline()
+        if line is None:
+            break
+        colon = line.find(":")
+        if colon == -1:
+            return read, details, f"after module {len(read)} comes {line[:60]!r}, which is not a module"
+        settings: list[tuple[str, str]] = []
+        while True:
+            setting = readline()
+            if not setting:  # None or blank: the module ends
+                break
+            label, colon_found, value = setting.partition(":")
+            if not colon_found:
+                return (
+                    read,
+                    details,
+                    f"module {len(read) + 1} has a setting line without ':' ({setting[:60]!r})",
+                )
+            settings.append((_cp_unescape(label), _cp_unescape(value)))
+        read.append(_Read(line[:colon].strip(), line[colon + 1 :], tuple(settings)))
+    return read, details, ""
+
+
+def _cp_unescape(setting: str) -> str:
+    """A setting's value as CellProfiler 4.2 decodes it (in every format version)."""
+    if r"\\\\g<" in setting:
+        if r"\x7C" in setting:
+            setting = setting.replace(r"\x7C\\\\g<", r"|\g<")
+        else:
+            setting = setting.replace(r"\\\\g<", r"\g<")
+    if "\\x" in setting:
+        try:
+            setting = setting.encode("utf-8").decode("unicode_escape")
+        except UnicodeDecodeError:
+            pass
+    if len(setting) > 1:
+        setting = setting.replace("\x00", "").strip("ÿþ")
+    return setting
+
+
+def _canonical(name: str) -> str:
+    """The module CellProfiler 4.2 loads for a name (it keeps what follows the last '.')."""
+    short = name.split(".")[-1]
+    return RENAMED_MODULES.get(short, short)
+
+
+def _attributes(title: str, attributes: str) -> tuple[dict[str, object], list[str]]:
+    """(the module attributes, ``[module_num:1|...]``, what is wrong with them):
+    they must be plain values, for CellProfiler eval()s each one, with Python's
+    builtins, while it loads the pipeline."""
+    values: dict[str, object] = {}
+    if len(attributes) < 2 or attributes[0] != "[" or attributes[-1] != "]":
+        return values, [
+            f"{title} has no [...] attributes: the file is damaged (save it again from CellProfiler)"
+        ]
+    attributes = attributes.replace("dtype='|S", "dtype='S")
+    pieces = _NOTES_RE.split(attributes)
+    if len(pieces) == 3:
+        before, note, after = pieces
+        parts = before[1:].split("|") + [note[1:-1]] + after[:-1].split("|")
+    else:
+        parts = attributes[1:-1].split("|")
+    problems: list[str] = []
+    seen: set[str] = set()
+    for part in parts:
+        if part.isascii():
+            try:
+                part = part.encode("utf-8").decode("unicode_escape")
+            except UnicodeDecodeError:
+                problems.append(f"{title} has a damaged attribute ({part[:60]!r})")
+                continue
+        else:
+            part = part.replace("\\", "")
+        key, colon, value = part.partition(":")
+        if not colon or key not in _MODULE_ATTRIBUTES or key in seen:
+            why = "is given twice" if key in seen else "is not one CellProfiler writes"
+            problems.append(
+                f"{title} has an attribute {part[:60]!r} that {why}: save the pipeline again from CellProfiler"
+            )
+            continue
+        seen.add(key)
+        expression = value.lstrip(" \t")
+        if key == "batch_state":
+            if not _BATCH_STATE_RE.fullmatch(expression.rstrip()):
+                problems.append(_code_attribute(title, key, value))
+            continue
+        try:
+            tree = ast.parse(expression, mode="eval")
+        except SyntaxError:
+            if key != "notes":  # CellProfiler reads unparsable notes as text
+                problems.append(_code_attribute(title, key, value))
+            continue
+        except (ValueError, RecursionError, MemoryError):
+            problems.append(_code_attribute(title, key, value))
+            continue
+        try:
+            values[key] = ast.literal_eval(tree)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            problems.append(_code_attribute(title, key, value))
+    return values, problems
+
+
+def _code_attribute(title: str, key: str, value: str) -> str:
+    return (
+        f"{title} has an attribute '{key}:{value[:60]}' that is not a plain value: CellProfiler "
+        "evaluates module attributes as Python when it loads the pipeline; save it again from CellProfiler"
+    )
+
+
+def _module_problems(module: Module, name: str, allowed: set[str]) -> list[str]:
+    if module.name in allowed or name in allowed:
+        return []
+    if name in RUNS_CODE:
+        return [f"{module.title} {RUNS_CODE[name]}; {OPERATOR_MUST_ENABLE}"]
+    if name in REPLACED_MODULES:
+        return [
+            f"{module.title} is not a CellProfiler 4.2 module: CellProfiler 4 replaced it with "
+            f"{REPLACED_MODULES[name]}; open the pipeline in CellProfiler 4.2 and save it again"
+        ]
+    if name not in STOCK_MODULES:
+        return [f"{module.title} is not a stock CellProfiler 4.2 module (a plugin?); {OPERATOR_MUST_ENABLE}"]
+    if name in LOADS_PICKLE:
+        label, mode = LOADS_PICKLE[name]
+        if any(v.strip() == mode for v in module.values(label)):
+            return [
+                f"{module.title} loads a classifier file with joblib (a Python pickle, which runs code) "
+                f"because '{label}' is '{mode}'; {OPERATOR_MUST_ENABLE}, or choose another mode"
+            ]
+    return []
+
+
+def _location(value: str) -> tuple[str, str] | None:
+    """(CellProfiler's folder choice, path) if the value is a folder setting ("Choice|path")."""
+    choice, bar, path = value.partition("|")
+    if not bar:
+        return None
+    if choice in _FOLDER_CHOICES:
+        return _FOLDER_CHOICES[choice], path
+    if choice.startswith(("Default Image", "Default image", "Default input")):
+        return IN_FOLDER, path  # as cellprofiler_core's standardize_default_folder_names does
+    if choice.startswith("Default output"):
+        return OUT_FOLDER, path
+    return None
+
+
+def _path_problem(path: str, separators: str = "/\\") -> str | None:
+    """Why a path taken relative to a folder could lead out of it, or None.
+    Metadata tags are fine, but not together with '..' (a tag's value is not known)."""
+    tagged = bool(_TAG_RE.search(path))
+    plain = _TAG_RE.sub("TAG", path)
+    if plain[:1] and plain[0] in separators:
+        return "is an absolute path"
+    depth = 0
+    for part in re.split(f"[{re.escape(separators)}]", plain):
+        if part == "..":
+            if tagged:
+                return "combines metadata tags with '..'"
+            depth -= 1
+            if depth < 0:
+                return "leads out of its folder with '..'"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def _location_problems(module: Module, name: str, revision: object) -> list[str]:
+    """Files are written only inside the run's Default Output Folder and read
+    only from the run's folders; file and object names do not lead out of them.
+    Every folder setting of a module that writes files is where it writes,
+    except SaveImages' base image folder, found by its position."""
+    problems: list[str] = []
+    positions = (
+        SAVEIMAGES_POSITIONS.get(revision) if name == "SaveImages" and isinstance(revision, int) else None
+    )
+    if positions is not None:
+        file_names = set(positions[3])
+    elif name == "SaveImages":
+        wanted = {_norm(label) for label in SAVEIMAGES_FILE_NAMES}
+        file_names = {i for i, (label, _) in enumerate(module.settings) if _norm(label) in wanted}
+    else:
+        file_names = set()
+    for index, (label, value) in enumerate(module.settings):
+        where = f"{module.title} setting '{label.strip()}'"
+        location = _location(value)
+        if location is None:
+            if index in file_names:
+                why = _path_problem(value)
+            else:
+                why = _path_problem(value, "/") if _might_be_path(value) else None
+            if why:
+                problems.append(
+                    f"{where} {why} ({value!r}): file and object names must stay inside the run's folders"
+                )
+            continue
+        if positions is not None and index == positions[2]:
+            create = module.settings[positions[1]][1] if positions[1] < len(module.settings) else ""
+            problems += _base_folder_problems(where, location, value, create)
+            continue
+        why, remedy = _folder_problem(*location, writes=name in WRITES_FILES, reads=name in READS_FILES)
+        if why:
+            problems.append(f"{where} {why} ({value!r}): {remedy}")
+    return problems
+
+
+def _folder_problem(choice: str, path: str, *, writes: bool, reads: bool) -> tuple[str | None, str]:
+    """(why a folder setting leads outside the run's folders or None, what to do)."""
+    if writes:
+        remedy = "choose 'Default Output Folder', or a 'Default Output Folder sub-folder' inside it"
+    else:
+        remedy = "keep the file in the Default Input Folder or the Default Output Folder"
+    if choice == WITH_IMAGE:
+        return "writes next to the input images", remedy
+    if choice == URL_FOLDER:
+        return ("reads from the network" if path.strip() else None), remedy
+    if choice == ELSEWHERE:
+        # An empty 'Elsewhere...' is CellProfiler's own working folder, private to it;
+        # stock pipelines keep it in read settings they do not use.
+        if path.strip() or not reads:
+            return "points outside the run's folders ('Elsewhere...')", remedy
+        return None, remedy
+    if choice in (IN_FOLDER, IN_SUBFOLDER) and writes:
+        return "writes into the Default Input Folder, where the site's images are", remedy
+    if choice in (IN_SUBFOLDER, OUT_SUBFOLDER):
+        sub = _path_problem(path)
+        return (f"names a sub-folder that {sub}" if sub else None), remedy
+    return None, remedy
+
+
+def _base_folder_problems(where: str, location: tuple[str, str], value: str, create: str) -> list[str]:
+    """SaveImages' "Base image folder": with "Create subfolders in the output
+    folder?" it writes into the output folder plus the images' folder relative
+    to it, which stays inside only if it is the Default Input Folder (where
+    cellmesh puts a site's images); without, CellProfiler does not use it."""
+    if create.strip().lower() not in ("yes", "true") or location[0] == IN_FOLDER:
+        return []
+    return [
+        f"{where} ({value!r}) with 'Create subfolders in the output folder?' set to Yes mirrors the "
+        "images' folders relative to it, which can lead outside the Default Output Folder: choose "
+        "'Default Input Folder' as the base image folder, or create no sub-folders"
+    ]
+
+
+def _might_be_path(value: str) -> bool:
+    """Whether a value not known to be a path could still be taken as one and lead
+    outside (an absolute path, or '..' between '/'): object and file names are."""
+    plain = _TAG_RE.sub("TAG", value.strip())
+    return plain.startswith("/") or bool(_ESCAPING_RE.search(plain))
+
+
+def _code_problems(module: Module, name: str) -> list[str]:
+    """Metadata and NamesAndTypes hold Joiner settings, which CellProfiler reads
+    with eval(): a Joiner must be a plain list of dictionaries, and no value of
+    those modules may be Python code beyond plain values."""
+    if name not in JOINERS:
+        return []
+    problems: list[str] = []
+    joiners = {_norm(label) for label in JOINERS[name]}
+    for label, value in module.settings:
+        where = f"{module.title} setting '{label.strip()}'"
+        if _norm(label) in joiners and value.strip():
+            try:
+                joins = ast.literal_eval(value.strip())
+                ok = isinstance(joins, list) and all(isinstance(j, dict) for j in joins)
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+                ok = False
+            if not ok:
+                problems.append(
+                    f"{where} is not a list of metadata matches like [{{'DNA': 'Well', 'GFP': 'Well'}}] "
+                    f"({value[:80]!r}): CellProfiler evaluates it as Python"
+                )
+        elif _is_code(value):
+            problems.append(
+                f"{where} is Python code ({value[:80]!r}): CellProfiler evaluates some of this "
+                "module's settings as Python; save the pipeline again from CellProfiler"
+            )
+    return problems
+
+
+def _is_code(value: str) -> bool:
+    try:
+        tree = ast.parse(value.lstrip(" \t"), mode="eval")
+    except SyntaxError:
+        return False  # eval() would refuse it too
+    except (ValueError, RecursionError, MemoryError):
+        return True
+    for node in ast.walk(tree):
+        if not isinstance(node, _PLAIN_NODES):
+            return True
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            return True
+    return False
