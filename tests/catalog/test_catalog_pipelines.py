@@ -59,6 +59,46 @@ async def test_modules_that_need_the_whole_plate_are_refused(catalog: Catalog, m
 
 
 @pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (
+            pipeline(extra=[("RunImageJMacro", [("Executable directory", "Default Input Folder|")])]),
+            (
+                "RunImageJMacro (module 6) runs external programs",
+                "an operator must enable it for this pipeline",
+            ),
+        ),
+        (
+            pipeline(extra=[("MyLabPlugin", [("x", "y")])]),
+            ("MyLabPlugin (module 6) is not a stock CellProfiler 4.2 module (a plugin?)",),
+        ),
+        (
+            pipeline(
+                export=[
+                    ("Select the column delimiter", 'Comma (",")'),
+                    ("Output file location", "Default Output Folder sub-folder|../../../../tmp/x"),
+                    ("Export all measurement types?", "Yes"),
+                ]
+            ),
+            (
+                "ExportToSpreadsheet (module 6) setting 'Output file location' names a sub-folder that leads out",
+            ),
+        ),
+        (
+            pipeline().replace(b"svn_version:'Unknown'", b"svn_version:__import__('os').getcwd()", 1),
+            ("Images (module 1) has an attribute 'svn_version:__import__", "not a plain value"),
+        ),
+    ],
+)
+async def test_pipelines_that_would_act_outside_their_run_are_refused(
+    catalog: Catalog, content: bytes, fragments: tuple[str, ...]
+) -> None:
+    with refused(INVALID, *fragments):
+        await register_pipeline(catalog.stub, content)
+    assert (await catalog.stub.ListPipelines(catalog_pb2.ListPipelinesRequest())).pipelines == []
+
+
+@pytest.mark.parametrize(
     ("content", "fragment"),
     [
         (b"", "first line must be 'CellProfiler Pipeline: "),
