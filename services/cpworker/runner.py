@@ -9,6 +9,10 @@ in it never takes the worker down:
 * :class:`ColdRunner` starts ``python -m cellprofiler -c -r`` per site, the way
   Distributed-CellProfiler does.
 
+The child runs registered pipelines, so it gets only an allow-listed
+environment (:func:`child_environment`: no credentials) and a working folder of
+its own as HOME (and, warm, as its current folder).
+
 Both write ``cellmesh_done.txt`` into the output folder, saying ``Complete``
 only when the run finished. :func:`judge_outputs` is the success rule: the
 done-file says ``Complete`` and the expected tables exist and are non-empty;
@@ -102,16 +106,64 @@ def find_java_home() -> str | None:
     return None
 
 
-def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    java_home = find_java_home()
+#: What the CellProfiler child gets from the worker's environment, and nothing
+#: else: it runs a registered pipeline, which must not see the worker's
+#: credentials. CellProfiler 4.2, python-javabridge, Bio-Formats and cp_child.py
+#: read PATH, JAVA_HOME (or CP_JAVA_HOME, javabridge's locate.py), HOME (its
+#: preferences, Java's and matplotlib's caches), the locale, TMPDIR (HDF5
+#: measurements), the JVM's options and the BLAS/OpenMP thread counts;
+#: cp_child.py's own log level is CELLMESH_CP_LOG_LEVEL. Not passed, on purpose:
+#: CLASSPATH (adds code to the JVM), CP_JDWP_PORT (opens a Java debugger port),
+#: CP_DEBUG_WORKER, DISPLAY, PYTHON*, LD_PRELOAD.
+CHILD_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "JAVA_HOME", "CP_JAVA_HOME",
+        "JAVA_TOOL_OPTIONS", "MPLBACKEND", "MPLCONFIGDIR", "LD_LIBRARY_PATH", "CELLMESH_CP_LOG_LEVEL",
+    }
+)  # fmt: skip
+CHILD_ENV_PREFIXES = ("LC_", "OPENBLAS_", "OMP_", "MKL_", "NUMEXPR_")
+#: Never passed, whatever the lists above or ``extra`` say: names that hold or
+#: point at credentials.
+_SECRET_NAME = re.compile(
+    r"^(AWS_|S3_|CATALOG_)|^(AMQP_URL|DATABASE_URL)$|PASSWORD|SECRET|TOKEN|CREDENTIAL|_KEY|_FILE$"
+)
+
+
+def child_environment(
+    extra: Mapping[str, str] | None = None,
+    *,
+    home: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a CellProfiler child: only `CHILD_ENV_NAMES` and
+    `CHILD_ENV_PREFIXES` from the worker's (``environ``, default os.environ),
+    JAVA_HOME found if unset, HOME set to the child's own working folder if
+    ``home`` is given, then ``extra``; never a name that holds credentials."""
+    source = os.environ if environ is None else environ
+    env = {
+        name: value
+        for name, value in source.items()
+        if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
+    }
+    java_home = source.get("JAVA_HOME") or find_java_home()
     if java_home:
         env["JAVA_HOME"] = java_home
-    # The services' own Python settings must not leak into CellProfiler's env.
-    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
-        env.pop(name, None)
+    if home is not None:
+        env["HOME"] = str(home)
     env.update(extra or {})
-    return env
+    return {name: value for name, value in env.items() if not _SECRET_NAME.search(name.upper())}
+
+
+def _program(path: Path | str) -> str:
+    """An executable's path that still holds when the child starts in another folder."""
+    text = str(path)
+    return os.path.abspath(text) if os.sep in text else text
+
+
+def _new_child_home() -> Path:
+    """A private working folder for a runner's CellProfiler children (HOME, and
+    the warm child's current folder, where an empty 'Elsewhere...' points)."""
+    return Path(tempfile.mkdtemp(prefix="cellmesh-cp-home-"))
 
 
 def _describe_exit(code: int | None) -> str:
@@ -180,12 +232,13 @@ class WarmRunner:
         child_script: Path = CHILD_SCRIPT,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self._cp_python = str(cp_python)
+        self._cp_python = _program(cp_python)
         self._recycle_after = recycle_after
         self._startup_timeout = startup_timeout
         self._log_level = log_level
-        self._child_script = child_script
+        self._child_script = Path(child_script).absolute()
         self._env = dict(env) if env else None
+        self._home: Path | None = None  # the children's own working folder, made on first start
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
         self._stderr_tail: deque[str] = deque(maxlen=_TAIL_LINES)
@@ -221,9 +274,13 @@ class WarmRunner:
             return await self._run_site(pipeline, files, output_dir, timeout)
 
     async def close(self) -> None:
-        """Ask the child to quit (it stops the JVM), killing it if it does not."""
+        """Ask the child to quit (it stops the JVM), killing it if it does not;
+        remove the children's working folder."""
         async with self._lock:
             await self._stop_child(graceful=True)
+            home, self._home = self._home, None
+            if home is not None:
+                await asyncio.to_thread(shutil.rmtree, home, True)
 
     async def __aenter__(self) -> WarmRunner:
         return self
@@ -337,6 +394,8 @@ class WarmRunner:
         if self._proc is not None:  # died or was killed since the last site
             await self._fail_child()
         started = time.perf_counter()
+        if self._home is None or not self._home.is_dir():
+            self._home = await asyncio.to_thread(_new_child_home)
         self._proc = await asyncio.create_subprocess_exec(
             self._cp_python,
             str(self._child_script),
@@ -345,7 +404,8 @@ class WarmRunner:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=child_environment(self._env),
+            env=child_environment(self._env, home=self._home),
+            cwd=self._home,
             start_new_session=True,
             limit=_RESPONSE_LIMIT,
         )
@@ -446,10 +506,16 @@ class ColdRunner:
         log_level: str = "WARNING",
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self._cp_python = str(cp_python)
+        self._cp_python = _program(cp_python)
         self._log_level = log_level
         self._env = dict(env) if env else None
+        self._home: Path | None = None  # the children's own HOME, made on first use
         self.cp_version = ""
+
+    def _child_env(self) -> dict[str, str]:
+        if self._home is None or not self._home.is_dir():
+            self._home = _new_child_home()
+        return child_environment(self._env, home=self._home)
 
     async def start(self) -> str:
         """Check the environment answers; returns CellProfiler's version."""
@@ -460,7 +526,7 @@ class ColdRunner:
                 "import importlib.metadata as m; print(m.version('cellprofiler'))",
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=child_environment(self._env),
+                env=await asyncio.to_thread(self._child_env),
             )
             out, _ = await proc.communicate()
             if proc.returncode != 0:
@@ -469,7 +535,10 @@ class ColdRunner:
         return self.cp_version
 
     async def close(self) -> None:
-        """Nothing stays running between sites."""
+        """Nothing stays running between sites; remove the children's HOME."""
+        home, self._home = self._home, None
+        if home is not None:
+            await asyncio.to_thread(shutil.rmtree, home, True)
 
     def command(self, pipeline: Path, file_list: Path, output_dir: Path, input_dir: Path) -> list[str]:
         return [
@@ -507,7 +576,7 @@ class ColdRunner:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=child_environment(self._env),
+                env=await asyncio.to_thread(self._child_env),
                 start_new_session=True,
                 cwd=scratch,
             )

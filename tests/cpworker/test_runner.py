@@ -69,9 +69,11 @@ async def warm(cp_python: Path) -> AsyncIterator[WarmRunner]:
     await runner.close()
 
 
-@pytest.fixture(scope="module")
-def cold(cp_python: Path) -> ColdRunner:
-    return ColdRunner(cp_python)
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def cold(cp_python: Path) -> AsyncIterator[ColdRunner]:
+    runner = ColdRunner(cp_python)
+    yield runner
+    await runner.close()
 
 
 def read_table(path: Path) -> list[dict[str, str]]:
@@ -242,6 +244,43 @@ async def test_warm_child_is_recycled_after_n_sites(cp_python: Path, tmp_path: P
         assert runner.children_started == 2
         assert pids[0] == pids[1] != pids[2]
     assert runner.pid is None
+
+
+async def test_the_warm_child_sees_no_credentials_and_has_its_own_home(
+    cp_python: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's secrets stay out of the process that runs registered
+    pipelines; it works in a folder of its own, which goes when the runner closes."""
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI",
+        "AMQP_URL": "amqp://cellmesh:hunter2@127.0.0.1:5672/%2F",
+        "DATABASE_URL": "mysql+asyncmy://root:hunter2@127.0.0.1/cellmesh",
+        "S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "MARIADB_PASSWORD": "hunter2",
+        "AMQP_URL_FILE": "/run/secrets/amqp_url",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "F06", 1, 9))
+    async with WarmRunner(cp_python) as runner:
+        out = tmp_path / "out"
+        assert_ok(await runner.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT), out)
+        assert runner.pid is not None
+        environ, raw, cwd = child_process(runner.pid)
+        home = Path(environ["HOME"])
+        assert not set(secrets) & set(environ), sorted(environ)
+        assert "hunter2" not in raw
+        assert home.name.startswith("cellmesh-cp-home-") and cwd == await asyncio.to_thread(home.resolve)
+    assert not await asyncio.to_thread(home.exists)
+
+
+def child_process(pid: int) -> tuple[dict[str, str], str, Path]:
+    """(environment, its raw text, current folder) of a running process, from /proc."""
+    proc = Path("/proc") / str(pid)
+    raw = proc.joinpath("environ").read_text()
+    environ = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+    return environ, raw, proc.joinpath("cwd").resolve()
 
 
 async def test_missing_input_is_an_input_problem(warm: WarmRunner, tmp_path: Path) -> None:
