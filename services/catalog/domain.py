@@ -48,6 +48,21 @@ SETTLED = (SiteState.DONE, SiteState.FAILED)
 IN_FLIGHT = (SiteState.CLAIMED, SiteState.QUEUED, SiteState.RUNNING)
 
 
+class Scope(IntEnum):
+    """The integers of `cellmesh.common.v1.PipelineScope`."""
+
+    SITE = 1
+    PLATE = 2
+
+
+class Gate(IntEnum):
+    """Whether a run's jobs may run, given the plate-scope stages before it."""
+
+    HELD = 0  # an earlier plate stage is not done: its artifacts do not exist yet
+    OPEN = 1  # every earlier plate stage is done (or there is none)
+    BROKEN = 2  # an earlier plate stage failed for good: nothing of this run can run
+
+
 class FailureClass(IntEnum):
     """The integers of `cellmesh.common.v1.FailureClass`."""
 
@@ -86,6 +101,8 @@ class PipelineInfo:
     tables: list[str]
     table_files: list[str]
     created_at: datetime
+    scope: Scope = Scope.SITE
+    scope_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,9 @@ class SiteClaim:
     pipeline_sha256: str
     pipeline_key: str
     expected_tables: list[str]
+    scope: Scope = Scope.SITE
+    input_files: list[ResultFile] = field(default_factory=list)
+    """Files for the Default Input Folder: `name` is the path there."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +213,7 @@ class SiteJobInfo:
     results: list[ResultFile]
     provenance: Provenance | None
     execution_id: str = ""
+    scope: Scope = Scope.SITE
 
 
 @dataclass(frozen=True)

@@ -94,9 +94,21 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     f"name must be at most {MAX_PIPELINE_NAME} printable characters, e.g. 'nuclei-v2'"
                 )
             parsed = cppipe.parse_for_sites(content)
+            asked = {
+                types_pb2.PIPELINE_SCOPE_SITE: cppipe.SCOPE_SITE,
+                types_pb2.PIPELINE_SCOPE_PLATE: cppipe.SCOPE_PLATE,
+            }.get(request.scope, "")
+            scope_name, scope_reasons = cppipe.decide_scope(parsed, asked)
+            scope = d.Scope.PLATE if scope_name == cppipe.SCOPE_PLATE else d.Scope.SITE
             sha = sha256_bytes(content)
             found = await self.store.find_pipeline(sha)
             if found is not None:
+                if asked and found.scope != scope:
+                    raise d.FailedPrecondition(
+                        f"pipeline {sha[:12]} is registered with scope {found.scope.name} already; "
+                        "the scope is not part of a pipeline's identity: leave it unset, or register "
+                        "a copy of the pipeline (e.g. with another name in its first module's notes)"
+                    )
                 return catalog_pb2.RegisterPipelineResponse(
                     pipeline=_pipeline(found), already_registered=True
                 )
@@ -112,6 +124,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     tables=parsed.tables,
                     table_files=parsed.table_files,
                     created_at=datetime.now(UTC),
+                    scope=scope,
+                    scope_reasons=scope_reasons,
                 ),
                 size=len(content),
             )
@@ -451,7 +465,13 @@ def _pipeline(p: d.PipelineInfo) -> catalog_pb2.Pipeline:
         image_names=p.image_names,
         tables=p.tables,
         created_at=_ts(p.created_at),
+        scope=_scope(p.scope),
+        scope_reasons=p.scope_reasons,
     )
+
+
+def _scope(scope: d.Scope) -> types_pb2.PipelineScope.ValueType:
+    return cast("types_pb2.PipelineScope.ValueType", int(scope))
 
 
 def _plate(p: d.PlateInfo) -> catalog_pb2.Plate:
@@ -499,6 +519,13 @@ def _site_claim(c: d.SiteClaim) -> catalog_pb2.SiteClaim:
         images=[_image(i) for i in c.images],
         pipeline=types_pb2.PipelineRef(sha256=c.pipeline_sha256, key=c.pipeline_key),
         expected_tables=c.expected_tables,
+        input_files=[
+            catalog_pb2.InputFile(
+                name=f.name, object=types_pb2.ObjectRef(key=f.key, size=f.size, sha256=f.sha256)
+            )
+            for f in c.input_files
+        ],
+        scope=_scope(c.scope),
     )
 
 
@@ -555,6 +582,7 @@ def _site_job(j: d.SiteJobInfo) -> catalog_pb2.SiteJob:
         finished_at=_ts(j.finished_at),
         results=_result_files(j.results),
         provenance=None if j.provenance is None else _provenance(j.provenance),
+        scope=_scope(j.scope),
     )
 
 
