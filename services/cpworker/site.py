@@ -93,7 +93,19 @@ def result_prefix(claim: catalog_pb2.SiteClaim, execution: str) -> str:
     object; only files registered in the catalog count, and the others are
     swept (see services/catalog/sweep.py)."""
     s = claim.site
-    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/a{claim.attempt}-{execution}"
+    run = f"a{claim.attempt}-{execution}"
+    if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE:
+        return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/plate/{run}"
+    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/{run}"
+
+
+def input_file_path(in_dir: Path, name: str) -> Path:
+    """Where an input file (an attachment, a plate artifact) goes: its name,
+    a relative path inside the Default Input Folder."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"input file name {name!r} is not a relative path inside the input folder")
+    return in_dir.joinpath(*parts)
 
 
 def safe_file_name(image: catalog_pb2.Image) -> str:
@@ -188,6 +200,7 @@ class SiteProcessor:
         work_root: Path,
         site_timeout: float,
         transient_budget: float = 120.0,
+        stage_timeout: float = 21600.0,
     ) -> None:
         self.store = store
         self.pipelines = pipelines
@@ -195,6 +208,7 @@ class SiteProcessor:
         self.worker_id = worker_id
         self.work_root = work_root
         self.site_timeout = site_timeout
+        self.stage_timeout = stage_timeout
         self.transient_budget = transient_budget
 
     async def _s3(self, what: str, call: object) -> object:
@@ -238,12 +252,31 @@ class SiteProcessor:
         t0 = time.perf_counter()
         files = [in_dir / safe_file_name(image) for image in claim.images]
         try:
+            extra = [(f, input_file_path(in_dir, f.name)) for f in claim.input_files]
+        except ValueError as exc:
+            return Failure(FC.FAILURE_CLASS_BAD_TASK, str(exc))
+        taken = set(files)
+        clashes = [f.name for f, path in extra if path in taken]
+        if clashes:
+            return Failure(
+                FC.FAILURE_CLASS_INPUT_PROBLEM,
+                f"input file {clashes[0]!r} has the name of one of the site's channel images",
+            )
+        for _f, path in extra:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
             downloads = [
                 self._s3(
                     f"download {image.object.key}",
                     partial(self.store.get_file, image.object.key, path, image.object.sha256),
                 )
                 for image, path in zip(claim.images, files, strict=True)
+            ] + [
+                self._s3(
+                    f"download input file {f.name}",
+                    partial(self.store.get_file, f.object.key, path, f.object.sha256),
+                )
+                for f, path in extra
             ]
             pipeline, *_ = await gather_or_cancel(
                 self._s3("download pipeline", partial(self.pipelines.get, claim.pipeline)), *downloads
@@ -263,7 +296,14 @@ class SiteProcessor:
         runner = await runners.get()
         try:
             phase.name = "running"
-            result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
+            timeout = (
+                self.stage_timeout if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE else self.site_timeout
+            )
+            # CellProfiler's file list is the whole input folder, as with
+            # `cellprofiler -i FOLDER`: the pipeline's own rules pick its
+            # illumination functions and other files from it.
+            listed = files + [path for _f, path in extra]
+            result = await runner.run_site(Path(str(pipeline)), listed, out_dir, timeout)
         finally:
             runners.put_nowait(runner)
         if not result.ok:
