@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,13 @@ from cellmesh.common.v1 import types_pb2
 
 from services.common.retry import GaveUp, with_backoff
 from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
+from services.cpworker.inputs import (
+    InputsProblem,
+    PreparedPipeline,
+    channel_path,
+    prepare_pipeline,
+    site_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class RunResultLike(Protocol):
     def cp_version(self) -> str: ...
     @property
     def timed_out(self) -> bool: ...
+    @property
+    def outcome(self) -> str: ...
 
 
 class SiteRunner(Protocol):
@@ -55,8 +64,18 @@ class SiteRunner(Protocol):
         ...
 
     async def run_site(
-        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
-    ) -> RunResultLike: ...
+        self,
+        pipeline: Path,
+        files: list[Path],
+        output_dir: Path,
+        timeout: float,
+        *,
+        input_dir: Path | None = None,
+        expected: Mapping[str, Path] | None = None,
+    ) -> RunResultLike:
+        """Runs the site; ``expected`` (image name -> file) is what CellProfiler
+        must load, as exactly one image set, or the run is an input problem."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -159,21 +178,26 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
 
 
 class PipelineCache:
-    """Pipelines fetched by SHA-256 once per worker, kept on disk."""
+    """Pipelines fetched by SHA-256 once per worker, kept on disk, read and
+    bound to the catalog's channels once (services/cpworker/inputs.py)."""
 
     def __init__(self, store: ObjectStore, folder: Path) -> None:
         self._store = store
         self._folder = folder
         self._lock = asyncio.Lock()
+        self._prepared: dict[str, PreparedPipeline] = {}
 
-    async def get(self, ref: object) -> Path:
+    async def get(self, ref: object) -> PreparedPipeline:
+        """Raises InputsProblem if the pipeline cannot be read."""
         sha = ref.sha256  # type: ignore[attr-defined]
         key = ref.key  # type: ignore[attr-defined]
         path = self._folder / f"{sha}.cppipe"
         async with self._lock:
             if not path.exists():
                 await self._store.get_file(key, path, expected_sha256=sha)
-        return path
+            if sha not in self._prepared:
+                self._prepared[sha] = await asyncio.to_thread(prepare_pipeline, path)
+            return self._prepared[sha]
 
 
 class SiteProcessor:
@@ -236,7 +260,10 @@ class SiteProcessor:
         in_dir.mkdir()
         out_dir.mkdir()
         t0 = time.perf_counter()
-        files = [in_dir / safe_file_name(image) for image in claim.images]
+        # One folder per channel: the catalog's channel, not the file's name, says what it is.
+        files = [channel_path(in_dir, image.channel, safe_file_name(image)) for image in claim.images]
+        for path in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             downloads = [
                 self._s3(
@@ -254,20 +281,43 @@ class SiteProcessor:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input corrupt: {exc}")
         except GaveUp as exc:
             return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
+        except InputsProblem as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, str(exc))
         problem = await asyncio.to_thread(check_images, files)
         if problem:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
+        s = claim.site
+        channel_files = {image.channel: path for image, path in zip(claim.images, files, strict=True)}
+        try:
+            prepared: PreparedPipeline = pipeline  # type: ignore[assignment]
+            inputs = await asyncio.to_thread(
+                site_inputs, prepared, in_dir, channel_files, (s.plate, s.well, s.site)
+            )
+        except InputsProblem as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, str(exc))
         download_s = time.perf_counter() - t0
 
         phase.name = "waiting for CellProfiler"
         runner = await runners.get()
         try:
             phase.name = "running"
-            result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
+            result = await runner.run_site(
+                prepared.path,
+                inputs.files,
+                out_dir,
+                self.site_timeout,
+                input_dir=inputs.input_dir,
+                expected=inputs.expected,
+            )
         finally:
             runners.put_nowait(runner)
         if not result.ok:
-            cls = FC.FAILURE_CLASS_TIMEOUT if result.timed_out else FC.FAILURE_CLASS_CP_PROBLEM
+            if result.timed_out:
+                cls = FC.FAILURE_CLASS_TIMEOUT
+            elif result.outcome == "INPUT_PROBLEM":
+                cls = FC.FAILURE_CLASS_INPUT_PROBLEM
+            else:
+                cls = FC.FAILURE_CLASS_CP_PROBLEM
             return Failure(cls, result.reason or "CellProfiler failed")
         ok, why = await asyncio.to_thread(self.judge, out_dir, list(claim.expected_tables))
         if not ok:
