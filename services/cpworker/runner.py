@@ -649,8 +649,9 @@ class ColdRunner:
                 await asyncio.to_thread(
                     (site.output_dir / DONE_FILE_NAME).write_text, "Failure (image set)\n", encoding="utf-8"
                 )
-        elif NO_IMAGE_SET in " ".join(text.split()):
-            reason = f"{reason}: {_no_image_set_message(site.expected)}"
+        elif _NO_IMAGE_SET_RE.search(" ".join(text.split())):
+            counts = "; ".join(m.group(1) for m in _CHANNEL_COUNT_RE.finditer(text))
+            reason = f"{reason}: {_no_image_set_message(site.expected)}" + (f" ({counts})" if counts else "")
             outcome = Outcome.INPUT_PROBLEM
         else:
             error = _last_error(out)
@@ -713,6 +714,13 @@ def _count_image_rows(output_dir: Path) -> int:
 #: What CellProfiler 4.2 says when the input modules form no image set
 #: (Pipeline.prepare_run), with its line breaks folded.
 NO_IMAGE_SET = "The pipeline did not identify any image sets."
+#: How else `cellprofiler -c -r` says it: NamesAndTypes' image set errors
+#: (handle_errors) and ChannelFilter's counts of images per channel.
+_NO_IMAGE_SET_RE = re.compile(
+    re.escape(NO_IMAGE_SET)
+    + r"|Image missing from channel|has no match|Channels have different numbers of images"
+)
+_CHANNEL_COUNT_RE = re.compile(r"ChannelFilter -\s+(Channel \S+: \d+ images?)")
 _MISSING_FILE = re.compile(r"FileNotFoundError|FileNotFoundException|No such file|has no match")
 
 

@@ -49,9 +49,7 @@ async def test_example_sbs_is_refused_for_calculate_statistics(catalog: Catalog,
     assert (await catalog.stub.ListPipelines(catalog_pb2.ListPipelinesRequest())).pipelines == []
 
 
-@pytest.mark.parametrize(
-    "module", ["CalculateStatistics", "CreateBatchFiles", "LoadData", "ExportToDatabase"]
-)
+@pytest.mark.parametrize("module", ["CalculateStatistics", "CreateBatchFiles", "ExportToDatabase"])
 async def test_modules_that_need_the_whole_plate_are_refused(catalog: Catalog, module: str) -> None:
     content = pipeline(extra=[(module, [("Some setting", "x")])])
     with refused(INVALID, module, "runs across all image sets; cellmesh runs one site at a time"):

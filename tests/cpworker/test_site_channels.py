@@ -21,6 +21,7 @@ import pytest_asyncio
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
+from services.common import cppipe
 from services.common.s3 import ObjectStore, S3Settings
 from services.cpworker.runner import ColdRunner, WarmRunner, judge_outputs
 from services.cpworker.site import Failure, Phase, PipelineCache, SiteProcessor, SiteRunner, Success
@@ -197,3 +198,121 @@ async def test_channels_with_one_file_name_do_not_share_a_path(
     outcome, tables = await run_claim(store, runners[mode], claim, tmp_path)
     assert isinstance(outcome, Success), outcome
     assert_same_values(tables, reference[mode])
+
+
+def loaddata_example_human() -> str:
+    """ExampleHuman as Distributed-CellProfiler users write it: its four input
+    modules (Images, Metadata, NamesAndTypes, Groups) replaced by one LoadData
+    that reads load_data.csv from the Default Input Folder with absolute
+    PathName_ columns (Base image location None), the analysis modules as
+    they are."""
+    text = (EXAMPLE_HUMAN / "ExampleHuman.cppipe").read_text()
+    header, *blocks = text.rstrip("\n").split("\n\n")
+    kept = [b for b in blocks if b.split(":", 1)[0] not in ("Images", "Metadata", "NamesAndTypes", "Groups")]
+    assert len(kept) == len(blocks) - 4
+    loaddata = "\n".join(
+        [
+            "LoadData:[module_num:1|svn_version:'Unknown'|variable_revision_number:6|show_window:False|"
+            "notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]",
+            "    Input data file location:Default Input Folder|",
+            "    Name of the file:load_data.csv",
+            "    Load images based on this data?:Yes",
+            "    Base image location:None|",
+            "    Process just a range of rows?:No",
+            "    Rows to process:1,100000",
+            "    Group images by metadata?:No",
+            "    Select metadata tags for grouping:",
+            "    Rescale intensities?:Yes",
+        ]
+    )
+    modules = [loaddata]
+    for number, block in enumerate(kept, start=2):
+        first, _, rest = block.partition("\n")
+        first = first.replace(first[first.index("module_num:") : first.index("|")], f"module_num:{number}", 1)
+        modules.append(f"{first}\n{rest}")
+    header = header.replace("ModuleCount:14", f"ModuleCount:{len(modules)}")
+    return "\n\n".join([header, *modules]) + "\n"
+
+
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+async def test_a_loaddata_pipeline_gives_the_values_of_the_namesandtypes_one(
+    store: ObjectStore,
+    runners: dict[str, SiteRunner],
+    reference: dict[str, dict[str, list[dict[str, str]]]],
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    text = loaddata_example_human()
+    parsed = cppipe.parse_for_sites(text.encode())  # registration accepts it
+    assert parsed.loaddata == ("load_data.csv",)
+    assert parsed.image_names == ()
+    assert parsed.table_files == TABLES or set(TABLES) <= set(parsed.table_files)
+    path = tmp_path / "ExampleHuman_LoadData.cppipe"
+    path.write_text(text)
+    pipeline = await put_pipeline(store, path)
+    # Named like nothing NamesAndTypes knows: LoadData's CSV says which is which.
+    images = {channel: (IMAGES / name, f"{channel.lower()}.tif") for channel, name in CHANNEL_FILES.items()}
+    claim = await make_claim(store, pipeline, images, TABLES)
+    outcome, tables = await run_claim(store, runners[mode], claim, tmp_path / "run")
+    assert isinstance(outcome, Success), outcome
+    (row,) = tables["Image.csv"]
+    assert (row["Metadata_Plate"], row["Metadata_Well"], row["Metadata_Site"]) == ("P1", "D03", "0")
+    assert row["FileName_DNA"] == "dna.tif"
+    assert_same_values(tables, reference[mode])
+
+
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+async def test_a_site_that_forms_no_image_set_is_an_input_problem(
+    store: ObjectStore, runners: dict[str, SiteRunner], tmp_path: Path, mode: str
+) -> None:
+    # ExampleHuman's Images module keeps image files only: a DNA file
+    # registered as "DNA.txt" is left out, so no image set forms.
+    images = correct_images()
+    images["DNA"] = (IMAGES / CHANNEL_FILES["DNA"], "DNA.txt")
+    pipeline = await put_pipeline(store, EXAMPLE_HUMAN / "ExampleHuman.cppipe")
+    claim = await make_claim(store, pipeline, images, TABLES)
+    outcome, _ = await run_claim(store, runners[mode], claim, tmp_path)
+    assert isinstance(outcome, Failure), outcome
+    assert outcome.failure_class == FC.FAILURE_CLASS_INPUT_PROBLEM, outcome
+    assert "no image set" in outcome.reason and "DNA <- DNA.txt" in outcome.reason, outcome.reason
+
+
+async def test_a_loaddata_image_that_is_not_there_is_an_input_problem(
+    store: ObjectStore, runners: dict[str, SiteRunner], tmp_path: Path
+) -> None:
+    # The CSV names every channel of the site; a channel file removed after the
+    # download (as if the CSV named a file that is not there) is reported by name.
+    text = loaddata_example_human().replace("Name of the file:load_data.csv", "Name of the file:sub/ld.csv")
+    text = text.replace(
+        "Input data file location:Default Input Folder|", "Input data file location:Default Input Folder|"
+    )
+    path = tmp_path / "ld.cppipe"
+    path.write_text(text)
+    pipeline = await put_pipeline(store, path)
+    claim = await make_claim(store, pipeline, correct_images(), TABLES)
+    warm = runners["warm"]
+
+    class Vanishing:
+        """Removes the DNA file just before CellProfiler runs."""
+
+        mode = "warm"
+
+        async def start(self) -> str:
+            return await warm.start()
+
+        async def run_site(self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float, **kw):  # type: ignore[no-untyped-def]
+            (kw["input_dir"] / "DNA").joinpath(CHANNEL_FILES["DNA"]).unlink()
+            assert (kw["input_dir"] / "sub" / "ld.csv").is_file()
+            return await warm.run_site(pipeline, files, output_dir, timeout, **kw)
+
+        async def close(self) -> None: ...
+
+    processor = SiteProcessor(
+        store, PipelineCache(store, tmp_path / "p"), judge_outputs, "w1", tmp_path, SITE_TIMEOUT
+    )
+    queue: asyncio.Queue[SiteRunner] = asyncio.Queue()
+    queue.put_nowait(Vanishing())  # type: ignore[arg-type]
+    outcome = await processor.process(claim, queue, Phase(claim), "x1")
+    assert isinstance(outcome, Failure), outcome
+    assert outcome.failure_class == FC.FAILURE_CLASS_INPUT_PROBLEM, outcome
+    assert CHANNEL_FILES["DNA"] in outcome.reason, outcome.reason
