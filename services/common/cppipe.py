@@ -10,8 +10,12 @@ What the mesh needs to know about a pipeline before it runs it on every site:
 * the tables ExportToSpreadsheet writes and their file names (prefix,
   delimiter, "export all measurement types", combined object files);
 * whether it can run one site at a time: modules that work across all image
-  sets of a run (CalculateStatistics, CreateBatchFiles, LoadData,
-  ExportToDatabase, ...) cannot.
+  sets of a run (CalculateStatistics, CreateBatchFiles, ExportToDatabase, ...)
+  cannot;
+* how its images come in: NamesAndTypes (whose file-name rules `bind_channels`
+  replaces, so that the catalog's channels decide which file is which image),
+  or LoadData (`Pipeline.loaddata`: where it reads the CSV the worker writes
+  for each site).
 * whether it may run on every worker at all (`check_safe`): stock CellProfiler
   4.2 modules only unless an operator enables others, files written only
   inside the run's Default Output Folder and read only from the run's folders,
@@ -27,6 +31,7 @@ labels and values (``\\x5B`` for ``[``, ``\\x7C`` for ``|``, ``\\'`` ...).
 from __future__ import annotations
 
 import ast
+import posixpath
 import re
 import sys
 from collections.abc import Collection, Iterable
@@ -41,7 +46,6 @@ SUPPORTED_VERSIONS = range(3, 7)
 #: run, with what to do instead.
 ACROSS_IMAGE_SETS = {
     "CreateBatchFiles": "remove it; cellmesh already runs each site as its own batch",
-    "LoadData": "load images with NamesAndTypes; cellmesh hands each site's images to CellProfiler",
     "ExportToDatabase": "export with ExportToSpreadsheet; cellmesh gathers the tables into plate reports",
 }
 #: Modules that work across all image sets of a run: a pipeline with one of
@@ -132,6 +136,11 @@ class Pipeline:
     """The text as read, for `check_safe` (which reads it the way CellProfiler does)."""
     utf8: bool = True
     """Whether the bytes were UTF-8 (CellProfiler reads other files with escapes decoded)."""
+    loaddata: tuple[str, ...] = field(default=())
+    """Where the pipeline's LoadData module reads its CSV, relative to the
+    Default Input Folder (e.g. "load_data.csv"); empty for NamesAndTypes
+    pipelines. Its image names are the CSV's columns, so the plate's channels
+    give them, not the pipeline."""
 
     @property
     def module_names(self) -> list[str]:
@@ -237,6 +246,91 @@ def decide_scope(pipeline: Pipeline, asked: str = "") -> tuple[str, list[str]]:
     return SCOPE_SITE, []
 
 
+#: NamesAndTypes' image set matching method that `bind_channels` chooses.
+MATCH_BY_ORDER = "Order"
+
+
+def channel_rule(channel: str, per_site: bool = False) -> str:
+    """The NamesAndTypes rule that selects the file of ``channel``: the worker
+    puts it, and nothing else, in a sub-folder of the Default Input Folder
+    named after the channel (CellProfiler's "directory" is the file's folder).
+    A run over several sites (a plate stage) has one numbered sub-folder per
+    site inside it, so the files of one site share a number and CellProfiler,
+    ordering each name's files by path, pairs them site by site."""
+    if per_site:
+        return f'and (directory does containregexp "/{channel}/[0-9]{{5}}$")'
+    return f'and (directory does endwith "/{channel}")'
+
+
+def bind_channels(pipeline: Pipeline, channels: Collection[str] | None = None, per_site: bool = False) -> str:
+    """The pipeline's text with every enabled NamesAndTypes rule of a name in
+    ``channels`` (default: every rule) replaced by `channel_rule` of the name
+    it assigns, and image sets matched by order. Rules of other names (an
+    illumination function a plate stage made, an attached file) are kept: they
+    pick their file from the Default Input Folder as the pipeline says.
+
+    So CellProfiler takes each image name from the file the catalog registered
+    under that channel, never from the microscope's file name; everything else
+    NamesAndTypes says about each image (its type, intensity range, maximum
+    intensity, 3D) is kept. Each site then forms one image set: one file per
+    rule. Only the values of those settings change, line by line, so the text
+    is otherwise the one registered (and checked by `check_safe`)."""
+    lines = pipeline.source.splitlines(keepends=True)
+    in_module = False
+    settings: list[tuple[int, str, str]] = []  # (line index, label, value) of one NamesAndTypes
+    edits: dict[int, str] = {}
+
+    def bind_module() -> None:
+        blocks: list[dict[str, str]] = []
+        rule_lines: list[int] = []
+        for index, label, value in settings:
+            key = _norm(label)
+            if key == "image set matching method":
+                edits[index] = _with_value(lines[index], MATCH_BY_ORDER)
+            if key in ("select the rule criteria", "single image location"):
+                blocks.append({})
+                rule_lines.append(index if key == "select the rule criteria" else -1)
+            if blocks:
+                blocks[-1].setdefault(key, value)
+        for block, index in zip(blocks, rule_lines, strict=True):
+            if index < 0:
+                continue
+            kind = block.get("select the image type", "").strip().lower()
+            if kind == "objects":
+                name = block.get("name to assign these objects", "")
+            else:
+                name = block.get("name to assign these images", "")
+            if channels is None or name.strip() in channels:
+                edits[index] = _with_value(lines[index], channel_rule(name.strip(), per_site))
+
+    escaped = pipeline.version < 5
+    for index, line in enumerate(lines):
+        match = _MODULE_RE.match(line.rstrip("\r\n"))
+        if match and not line[0].isspace():
+            if in_module:
+                bind_module()
+            enabled = re.search(r"enabled:(True|False)", match.group(2))
+            in_module = match.group(1) == "NamesAndTypes" and (enabled is None or enabled.group(1) == "True")
+            settings = []
+        elif in_module and line.strip() and line[0].isspace():
+            label, _, value = line.strip().partition(":")
+            if escaped:
+                label, value = _unescape(label), _unescape(value)
+            settings.append((index, label, value))
+    if in_module:
+        bind_module()
+    return "".join(edits.get(i, line) for i, line in enumerate(lines))
+
+
+def _with_value(line: str, value: str) -> str:
+    """A setting line with its value replaced, its indentation, label and line end kept."""
+    body = line.rstrip("\r\n")
+    end = line[len(body) :]
+    indent = body[: len(body) - len(body.lstrip())]
+    label = body.strip().partition(":")[0]
+    return f"{indent}{label}:{value}{end}"
+
+
 def check_runs_per_site(pipeline: Pipeline) -> None:
     """Raises PipelineError naming every module that stops the pipeline from
     running one site at a time, and what to do about it."""
@@ -320,6 +414,7 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
     image_names: list[str] = []
     object_names: list[str] = []
     exports: list[ExportFile] = []
+    loaddata: list[str] = []
     enabled = [m for m in modules if m.enabled]
     for module in enabled:
         if module.name in ACROSS_IMAGE_SETS:
@@ -336,6 +431,11 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
             images, objects = _names_and_types(module)
             image_names += images
             object_names += objects
+            problems += _single_image_problems(module)
+        elif module.name == "LoadData":
+            csv_path, why = _loaddata_csv(module)
+            loaddata += [csv_path] if csv_path else []
+            problems += why
         elif module.name in ("LoadImages", "LoadSingleImage"):
             image_names += [
                 v
@@ -351,7 +451,13 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
             files, why = _spreadsheet_files(module, objects)
             exports += files
             problems += why
-    if not _unique(image_names):
+    loaders = [m for m in enabled if m.name in ("LoadData", "NamesAndTypes")]
+    if len(loaders) > 1:
+        problems.append(
+            f"the pipeline loads images with {' and '.join(m.title for m in loaders)}: cellmesh gives "
+            "each site's images to one input module; keep one NamesAndTypes or one LoadData"
+        )
+    if not _unique(image_names) and not any(m.name == "LoadData" for m in enabled):
         problems.append(
             "the pipeline assigns no image names: add NamesAndTypes so that each channel gets a name"
         )
@@ -368,6 +474,7 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
         exports=tuple(exports),
         problems=tuple(problems),
         plate_reasons=tuple(plate_reasons),
+        loaddata=tuple(loaddata),
     )
 
 
@@ -400,6 +507,66 @@ def _names_and_types(module: Module) -> tuple[list[str], list[str]]:
         if _used(name):
             images.append(name)
     return images, objects
+
+
+def _single_image_problems(module: Module) -> list[str]:
+    """NamesAndTypes' "single images" each name one fixed file of the machine
+    the pipeline was made on; cellmesh gives CellProfiler the catalog's files."""
+    if (module.get("Assign a name to") or "").strip().lower().startswith("all"):
+        return []
+    count = (module.get("Single images count") or "0").strip()
+    if count in ("", "0"):
+        return []
+    return [
+        f"{module.title} assigns {count} single image(s), each a fixed file: register that file as a "
+        "channel of the plate and assign it with a rule instead"
+    ]
+
+
+def _loaddata_csv(module: Module) -> tuple[str, list[str]]:
+    """(where LoadData reads its CSV, relative to the Default Input Folder, what is wrong).
+
+    The worker writes each site's CSV there (cellprofiler_core 4.2's
+    LoadData.csv_path: the folder setting joined with "Name of the file")."""
+    title = module.title
+    location = module.get("Input data file location") or f"{IN_FOLDER}|"
+    name = (module.get("Name of the file") or "").strip()
+    problems: list[str] = []
+    parsed = _location(location)
+    choice, sub = parsed if parsed is not None else (location.partition("|")[0], "")
+    if choice not in (IN_FOLDER, IN_SUBFOLDER):
+        problems.append(
+            f"{title} setting 'Input data file location' is {choice.strip()!r} ({location!r}): cellmesh "
+            "writes each site's CSV into the run's Default Input Folder; choose 'Default Input Folder' "
+            "or a 'Default Input Folder sub-folder'"
+        )
+    elif choice == IN_SUBFOLDER and (why := _path_problem(sub) or _tag_problem(sub)):
+        problems.append(
+            f"{title} setting 'Input data file location' names a sub-folder that {why} ({location!r}): "
+            "the CSV must stay inside the Default Input Folder"
+        )
+    if not name:
+        problems.append(f"{title} setting 'Name of the file' is empty: name the CSV, e.g. load_data.csv")
+    elif why := _path_problem(name) or _tag_problem(name):
+        problems.append(
+            f"{title} setting 'Name of the file' {why} ({name!r}): the CSV must stay inside the "
+            "Default Input Folder"
+        )
+    if module.is_yes("Process just a range of rows?"):
+        first = (module.get("Rows to process") or "1").split(",")[0].strip()
+        if first not in ("", "1"):
+            problems.append(
+                f"{title} processes only rows from {first} on ('Process just a range of rows?'): cellmesh "
+                "writes one row per site; answer No"
+            )
+    if problems:
+        return "", problems
+    folder = sub.strip() if choice == IN_SUBFOLDER else ""
+    return posixpath.normpath(posixpath.join(folder.replace("\\", "/"), name.replace("\\", "/"))), []
+
+
+def _tag_problem(path: str) -> str | None:
+    return "holds metadata tags" if _TAG_RE.search(path) else None
 
 
 def _objects_made(module: Module) -> list[str]:

@@ -10,16 +10,25 @@ will, so at start the real stdout is set aside for responses and fd 1 is
 pointed at stderr.
 
     {"op": "run", "id": "s1", "pipeline": "/p/x.cppipe",
-     "files": ["/site/a.tif", ...], "output_dir": "/out"}      ("op" optional)
+     "files": ["/site/DNA/a.tif", ...], "output_dir": "/out",
+     "input_dir": "/site",                                    (optional)
+     "expected": {"DNA": "/site/DNA/a.tif", ...}}             (optional; "op" optional)
+    or, for a run over several sites (a plate stage), one object per image set:
+     "expected_sets": [{"DNA": "/plate/DNA/00000/a.tif", ...}, ...]
     -> {"id": "s1", "ok": true, "error": "", "seconds": 0.41,
         "image_sets": 1, "cp_version": "4.2.8.1"}
+    a failed run adds "problem": "input" when the site's inputs are at fault
+    (no image set or more than one, an image name loaded from another file
+    than ``expected`` says, a file that is not there), else "cellprofiler".
     {"op": "ping"}  -> {"id": ..., "ok": true, "op": "pong", "runs": N, ...}
     {"op": "quit"}  -> {"id": ..., "ok": true, "op": "quit"}, then exit
 
 Each run is what `cellprofiler -c -r -p PIPELINE --file-list LIST -o OUT -d
 OUT/cellmesh_done.txt` does, in process: a fresh copy of the (cached) pipeline,
 a file list of exactly the given files, Default Output Folder = output_dir,
-Default Input Folder = the files' folder, all image sets, then the
+Default Input Folder = input_dir (default: the files' folder), all image
+sets (with ``expected``: exactly one, made of those files; with
+``expected_sets``: exactly that many, the n-th made of the n-th's files), then the
 measurements are closed (which deletes their temporary HDF5 file) and the
 done-file gets the run's exit status ("Complete" only if it finished).
 
@@ -67,6 +76,64 @@ def ensure_java_home() -> None:
 
 class RunFailed(Exception):
     """A request that cannot be run as given (bad input, not a CellProfiler fault)."""
+
+
+class InputProblem(Exception):
+    """The site's inputs are at fault: the message says which file and why."""
+
+
+NO_IMAGE_SET = "The pipeline did not identify any image sets."
+MISSING_FILE_MARKERS = ("FileNotFoundError", "FileNotFoundException", "No such file", "has no match")
+
+
+class ImageSetCheck:
+    """Installed as the pipeline's prepare_run: once the input modules have
+    formed the image sets, and before any is run, there must be as many as
+    expected (one per site) and in each, each expected image name must come
+    from its channel's file."""
+
+    def __init__(self, pipeline: Any, expected_sets: list[dict[str, str]]) -> None:
+        self.expected_sets = [
+            {name: os.path.realpath(path) for name, path in expected.items()} for expected in expected_sets
+        ] or [{}]
+        self.expected = self.expected_sets[0]
+        self.problem = ""
+        self._prepare_run = pipeline.prepare_run
+
+    def __call__(self, workspace: Any, end_module: Any = None) -> bool:
+        ok = bool(self._prepare_run(workspace, end_module))
+        if ok and end_module is None:
+            self.problem = self.judge(workspace.measurements)
+        return ok and not self.problem
+
+    def _file(self, m: Any, name: str, number: int) -> str | None:
+        for prefix in ("", "Objects"):
+            path, file = f"{prefix}PathName_{name}", f"{prefix}FileName_{name}"
+            if m.has_feature("Image", path) and m.has_feature("Image", file):
+                return os.path.join(str(m["Image", path, number]), str(m["Image", file, number]))
+        return None
+
+    def judge(self, m: Any) -> str:
+        numbers = list(m.get_image_numbers())
+        wanted = len(self.expected_sets)
+        if len(numbers) != wanted:
+            sets = "; ".join(
+                f"image set {n}: "
+                + ", ".join(
+                    f"{name}={os.path.basename(self._file(m, name, n) or '?')}" for name in self.expected
+                )
+                for n in numbers[:5]
+            )
+            sites = "one site" if wanted == 1 else f"{wanted} sites"
+            return f"CellProfiler formed {len(numbers)} image sets from {sites}, not {wanted} ({sets})"
+        for number, expected in zip(numbers, self.expected_sets, strict=True):
+            for name, want in expected.items():
+                got = self._file(m, name, number)
+                if got is None:
+                    return f"the pipeline's input modules load no image named {name} (a channel of the site)"
+                if os.path.realpath(got) != want:
+                    return f"CellProfiler loaded image {name} from {got}, but the catalog registered {want} as {name}"
+        return ""
 
 
 class CellProfilerSession:
@@ -159,6 +226,9 @@ class CellProfilerSession:
                 response["error"] = "; ".join(errors) or f"CellProfiler exit status {status!r}"
         except RunFailed as exc:
             response["error"] = str(exc)
+        except InputProblem as exc:
+            response["error"] = str(exc)
+            response["problem"] = "input"
         except Exception as exc:  # a CellProfiler bug must not kill the warm process
             log.error("run %s failed", request.get("id"), exc_info=True)
             response["error"] = f"{type(exc).__name__}: {exc}"
@@ -175,12 +245,26 @@ class CellProfilerSession:
         pipeline_path = request.get("pipeline")
         files = request.get("files")
         output_dir = request.get("output_dir")
+        input_dir = request.get("input_dir")
+        expected = request.get("expected") or {}
+        expected_sets = request.get("expected_sets")
         if not isinstance(pipeline_path, str) or not pipeline_path:
             raise RunFailed("request has no 'pipeline'")
         if not isinstance(output_dir, str) or not output_dir:
             raise RunFailed("request has no 'output_dir'")
         if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
             raise RunFailed("request has no 'files' (a non-empty list of paths)")
+        if not isinstance(expected, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in expected.items()
+        ):
+            raise RunFailed("'expected' is not an object of image names to paths")
+        if expected_sets is None:
+            expected_sets = [expected]
+        if not isinstance(expected_sets, list) or not all(
+            isinstance(e, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in e.items())
+            for e in expected_sets
+        ):
+            raise RunFailed("'expected_sets' is not a list of objects of image names to paths")
         files = [os.path.abspath(f) for f in files]
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
@@ -200,9 +284,14 @@ class CellProfilerSession:
         pipeline.load(io.StringIO(text))
         errors: list[str] = []
         pipeline.add_listener(_collect_run_errors(errors))
+        check = ImageSetCheck(pipeline, expected_sets)
+        pipeline.prepare_run = check  # run_with_yield calls it before the first image set
 
         prefs.set_default_output_directory(os.path.abspath(output_dir))
-        prefs.set_default_image_directory(os.path.commonpath([os.path.dirname(f) for f in files]))
+        if isinstance(input_dir, str) and input_dir:
+            prefs.set_default_image_directory(os.path.abspath(input_dir))
+        else:
+            prefs.set_default_image_directory(os.path.commonpath([os.path.dirname(f) for f in files]))
         pipeline.add_pathnames_to_file_list(files, add_undo=False)
 
         measurements = None
@@ -218,6 +307,19 @@ class CellProfilerSession:
                 measurements.close()
             _clear_java_caches()
         self.image_sets += image_sets
+        if check.problem:
+            raise InputProblem(check.problem)
+        said = " ".join(" ".join(errors).split())
+        if status != "Complete" and NO_IMAGE_SET in said:
+            given = ", ".join(
+                f"{n} <- {os.path.basename(p)}" for e in expected_sets for n, p in e.items()
+            ) or ", ".join(files)
+            raise InputProblem(
+                f"CellProfiler formed no image set from the site's files ({given}): the pipeline's "
+                "Images filter or Metadata module leaves some of them out"
+            )
+        if status != "Complete" and any(marker in said for marker in MISSING_FILE_MARKERS):
+            raise InputProblem("; ".join(errors))
         return status, image_sets, errors
 
 

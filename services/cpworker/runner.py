@@ -35,7 +35,7 @@ import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,11 +182,20 @@ class _Site:
     pipeline: Path
     files: list[Path]
     output_dir: Path
+    input_dir: Path
+    expected: list[dict[str, Path]]  # per image set: image name -> the file CellProfiler must load for it
     problem: str  # why it cannot run, or ""
 
 
-def _prepare_site(pipeline: Path, files: list[Path], output_dir: Path) -> _Site:
-    """Absolute paths, an output folder without a stale done-file, missing inputs named."""
+def _prepare_site(
+    pipeline: Path,
+    files: list[Path],
+    output_dir: Path,
+    input_dir: Path | None = None,
+    expected: Mapping[str, Path] | Sequence[Mapping[str, Path]] | None = None,
+) -> _Site:
+    """Absolute paths, an output folder without a stale done-file, missing inputs named.
+    The Default Input Folder is ``input_dir``, else the files' common folder."""
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / DONE_FILE_NAME).unlink(missing_ok=True)
@@ -194,7 +203,14 @@ def _prepare_site(pipeline: Path, files: list[Path], output_dir: Path) -> _Site:
     problem = "no input files" if not files else ""
     if missing:
         problem = f"input files missing: {', '.join(missing)}"
-    return _Site(pipeline.resolve(), [f.resolve() for f in files], output_dir, problem)
+    files = [f.resolve() for f in files]
+    if input_dir is None:
+        input_dir = Path(os.path.commonpath([f.parent for f in files])) if files else output_dir
+    sets: Sequence[Mapping[str, Path]] = (
+        [expected or {}] if expected is None or isinstance(expected, Mapping) else expected
+    )
+    wanted = [{name: path.resolve() for name, path in s.items()} for s in sets] or [{}]
+    return _Site(pipeline.resolve(), files, output_dir, input_dir.resolve(), wanted, problem)
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -268,10 +284,21 @@ class WarmRunner:
         return self.cp_version
 
     async def run_site(
-        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
+        self,
+        pipeline: Path,
+        files: list[Path],
+        output_dir: Path,
+        timeout: float,
+        *,
+        input_dir: Path | None = None,
+        expected: Mapping[str, Path] | Sequence[Mapping[str, Path]] | None = None,
     ) -> RunResult:
+        """Runs one site. With ``expected`` (image name -> file), the child
+        checks that CellProfiler formed exactly one image set and loads each
+        of those names from its file; anything else is an input problem."""
         async with self._lock:
-            return await self._run_site(pipeline, files, output_dir, timeout)
+            site = await asyncio.to_thread(_prepare_site, pipeline, files, output_dir, input_dir, expected)
+            return await self._run_site(site, timeout)
 
     async def close(self) -> None:
         """Ask the child to quit (it stops the JVM), killing it if it does not;
@@ -288,11 +315,8 @@ class WarmRunner:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _run_site(
-        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
-    ) -> RunResult:
+    async def _run_site(self, site: _Site, timeout: float) -> RunResult:
         started = time.perf_counter()
-        site = await asyncio.to_thread(_prepare_site, pipeline, files, output_dir)
         if site.problem:
             return self._result(False, site.problem, started, outcome=Outcome.INPUT_PROBLEM)
 
@@ -318,6 +342,8 @@ class WarmRunner:
             "pipeline": str(site.pipeline),
             "files": [str(f) for f in site.files],
             "output_dir": str(site.output_dir),
+            "input_dir": str(site.input_dir),
+            "expected_sets": [{name: str(path) for name, path in s.items()} for s in site.expected],
         }
         try:
             response = await asyncio.wait_for(self._request(request), timeout)
@@ -357,6 +383,12 @@ class WarmRunner:
         if not ok:
             await asyncio.sleep(0.05)  # let the child's last stderr lines arrive
             tail = "\n".join(self._stderr_tail)
+        if ok:
+            outcome = Outcome.SUCCESS
+        elif response.get("problem") == "input":
+            outcome = Outcome.INPUT_PROBLEM
+        else:
+            outcome = Outcome.CP_PROBLEM
         return RunResult(
             ok=ok,
             reason=reason,
@@ -364,7 +396,7 @@ class WarmRunner:
             image_sets=int(response.get("image_sets") or 0),
             cp_version=str(response.get("cp_version") or self.cp_version),
             stderr_tail=tail,
-            outcome=Outcome.SUCCESS if ok else Outcome.CP_PROBLEM,
+            outcome=outcome,
         )
 
     def _result(
@@ -553,8 +585,18 @@ class ColdRunner:
         ]  # fmt: skip
 
     async def run_site(
-        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
+        self,
+        pipeline: Path,
+        files: list[Path],
+        output_dir: Path,
+        timeout: float,
+        *,
+        input_dir: Path | None = None,
+        expected: Mapping[str, Path] | Sequence[Mapping[str, Path]] | None = None,
     ) -> RunResult:
+        """Runs one site as ``cellprofiler -c -r``. The run counts only if its
+        Image table has exactly one row and, for every ``expected`` image name
+        whose FileName_/PathName_ columns it exports, names that file."""
         started = time.perf_counter()
         try:
             version = await self.start()
@@ -562,7 +604,7 @@ class ColdRunner:
             return RunResult(
                 False, str(exc), time.perf_counter() - started, 0, "", outcome=Outcome.CP_PROBLEM
             )
-        site = await asyncio.to_thread(_prepare_site, pipeline, files, output_dir)
+        site = await asyncio.to_thread(_prepare_site, pipeline, files, output_dir, input_dir, expected)
         if site.problem:
             return RunResult(
                 False, site.problem, time.perf_counter() - started, 0, version, outcome=Outcome.INPUT_PROBLEM
@@ -570,9 +612,8 @@ class ColdRunner:
 
         scratch = await asyncio.to_thread(_write_file_list, site.files)
         try:
-            input_dir = Path(os.path.commonpath([f.parent for f in site.files]))
             proc = await asyncio.create_subprocess_exec(
-                *self.command(site.pipeline, scratch / "file_list.txt", site.output_dir, input_dir),
+                *self.command(site.pipeline, scratch / "file_list.txt", site.output_dir, site.input_dir),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -602,9 +643,27 @@ class ColdRunner:
 
         code = proc.returncode
         ok, reason, image_sets = await asyncio.to_thread(_judge_cold_run, site.output_dir, code)
-        error = _last_error(out)
-        if not ok and error:
-            reason = f"{reason}: {error}"
+        outcome = Outcome.SUCCESS if ok else Outcome.CP_PROBLEM
+        text = out.decode(errors="replace")
+        if ok:
+            problem = await asyncio.to_thread(_cold_image_set_problem, site.output_dir, site.expected)
+            if problem:
+                ok, reason, outcome = False, problem, Outcome.INPUT_PROBLEM
+                await asyncio.to_thread(
+                    (site.output_dir / DONE_FILE_NAME).write_text, "Failure (image set)\n", encoding="utf-8"
+                )
+        elif _NO_IMAGE_SET_RE.search(" ".join(text.split())):
+            counts = "; ".join(m.group(1) for m in _CHANNEL_COUNT_RE.finditer(text))
+            reason = f"{reason}: {_no_image_set_message(site.expected[0])}" + (
+                f" ({counts})" if counts else ""
+            )
+            outcome = Outcome.INPUT_PROBLEM
+        else:
+            error = _last_error(out)
+            if error:
+                reason = f"{reason}: {error}"
+            if is_missing_file_error(error):
+                outcome = Outcome.INPUT_PROBLEM
         return RunResult(
             ok=ok,
             reason=reason,
@@ -612,7 +671,7 @@ class ColdRunner:
             image_sets=image_sets,
             cp_version=version,
             stderr_tail="" if ok else _tail(out),
-            outcome=Outcome.SUCCESS if ok else Outcome.CP_PROBLEM,
+            outcome=outcome,
         )
 
 
@@ -655,3 +714,59 @@ def _count_image_rows(output_dir: Path) -> int:
         with path.open(newline="", encoding="utf-8", errors="replace") as fh:
             return max(0, sum(1 for _ in csv.reader(fh)) - 1)
     return 0
+
+
+#: What CellProfiler 4.2 says when the input modules form no image set
+#: (Pipeline.prepare_run), with its line breaks folded.
+NO_IMAGE_SET = "The pipeline did not identify any image sets."
+#: How else `cellprofiler -c -r` says it: NamesAndTypes' image set errors
+#: (handle_errors) and ChannelFilter's counts of images per channel.
+_NO_IMAGE_SET_RE = re.compile(
+    re.escape(NO_IMAGE_SET)
+    + r"|Image missing from channel|has no match|Channels have different numbers of images"
+)
+_CHANNEL_COUNT_RE = re.compile(r"ChannelFilter -\s+(Channel \S+: \d+ images?)")
+_MISSING_FILE = re.compile(r"FileNotFoundError|FileNotFoundException|No such file|has no match")
+
+
+def is_missing_file_error(text: str) -> bool:
+    """Whether CellProfiler's error says a file it was to read is not there."""
+    return bool(_MISSING_FILE.search(text))
+
+
+def _no_image_set_message(expected: Mapping[str, Path]) -> str:
+    given = ", ".join(f"{name} <- {path.name}" for name, path in expected.items())
+    return (
+        f"CellProfiler formed no image set from the site's files ({given or 'none'}): the pipeline's "
+        "Images filter or Metadata module leaves some of them out"
+    )
+
+
+def _cold_image_set_problem(output_dir: Path, expected_sets: Sequence[Mapping[str, Path]]) -> str:
+    """Why a finished cold run does not count (not exactly one image set, or an
+    image name loaded from another file than its channel's), or ""."""
+    tables = sorted(output_dir.glob("*Image.csv"))
+    if not tables:
+        return ""  # no Image table exported: the expected tables say whether that is fine
+    with tables[0].open(newline="", encoding="utf-8", errors="replace") as fh:
+        rows = list(csv.DictReader(fh))
+    wanted = len(expected_sets)
+    if len(rows) != wanted:
+        sets = "; ".join(
+            f"image set {i}: " + ", ".join(f"{n}={row.get('FileName_' + n, '?')}" for n in expected_sets[0])
+            for i, row in enumerate(rows[:5], start=1)
+        )
+        sites = "one site" if wanted == 1 else f"{wanted} sites"
+        return f"CellProfiler formed {len(rows)} image sets from {sites}, not {wanted} ({sets or 'none'})"
+    for row, expected in zip(rows, expected_sets, strict=True):
+        for name, path in expected.items():
+            for prefix in ("", "Objects"):
+                file_name, folder = row.get(f"{prefix}FileName_{name}"), row.get(f"{prefix}PathName_{name}")
+                if file_name is None or folder is None:
+                    continue
+                if Path(folder, file_name).resolve() != path:
+                    return (
+                        f"CellProfiler loaded image {name} from {Path(folder, file_name)}, but the catalog "
+                        f"registered {path} as {name}"
+                    )
+    return ""

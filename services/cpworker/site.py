@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,13 @@ from cellmesh.common.v1 import types_pb2
 
 from services.common.retry import GaveUp, with_backoff
 from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
+from services.cpworker.inputs import (
+    InputsProblem,
+    PreparedPipeline,
+    channel_path,
+    prepare_pipeline,
+    run_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class RunResultLike(Protocol):
     def cp_version(self) -> str: ...
     @property
     def timed_out(self) -> bool: ...
+    @property
+    def outcome(self) -> str: ...
 
 
 class SiteRunner(Protocol):
@@ -55,8 +64,18 @@ class SiteRunner(Protocol):
         ...
 
     async def run_site(
-        self, pipeline: Path, files: list[Path], output_dir: Path, timeout: float
-    ) -> RunResultLike: ...
+        self,
+        pipeline: Path,
+        files: list[Path],
+        output_dir: Path,
+        timeout: float,
+        *,
+        input_dir: Path | None = None,
+        expected: Mapping[str, Path] | Sequence[Mapping[str, Path]] | None = None,
+    ) -> RunResultLike:
+        """Runs the site; ``expected`` (image name -> file) is what CellProfiler
+        must load, as exactly one image set, or the run is an input problem."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -171,21 +190,30 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
 
 
 class PipelineCache:
-    """Pipelines fetched by SHA-256 once per worker, kept on disk."""
+    """Pipelines fetched by SHA-256 once per worker, kept on disk, read and
+    bound to the catalog's channels once (services/cpworker/inputs.py)."""
 
     def __init__(self, store: ObjectStore, folder: Path) -> None:
         self._store = store
         self._folder = folder
         self._lock = asyncio.Lock()
+        self._prepared: dict[tuple[str, tuple[str, ...], bool], PreparedPipeline] = {}
 
-    async def get(self, ref: object) -> Path:
+    async def get(
+        self, ref: object, channels: Sequence[str] = (), per_site: bool = False
+    ) -> PreparedPipeline:
+        """The pipeline bound to ``channels`` (see inputs.prepare_pipeline).
+        Raises InputsProblem if the pipeline cannot be read."""
         sha = ref.sha256  # type: ignore[attr-defined]
         key = ref.key  # type: ignore[attr-defined]
         path = self._folder / f"{sha}.cppipe"
+        wanted = (sha, tuple(sorted(channels)), per_site)
         async with self._lock:
             if not path.exists():
                 await self._store.get_file(key, path, expected_sha256=sha)
-        return path
+            if wanted not in self._prepared:
+                self._prepared[wanted] = await asyncio.to_thread(prepare_pipeline, path, wanted[1], per_site)
+            return self._prepared[wanted]
 
 
 class SiteProcessor:
@@ -250,7 +278,29 @@ class SiteProcessor:
         in_dir.mkdir()
         out_dir.mkdir()
         t0 = time.perf_counter()
-        files = [in_dir / safe_file_name(image) for image in claim.images]
+        # One folder per channel: the catalog's channel, not the file's name,
+        # says what it is; a plate stage has a numbered folder per site in it.
+        plate_stage = claim.scope == types_pb2.PIPELINE_SCOPE_PLATE
+        site_index: dict[tuple[str, int], int] = {}
+        for image in claim.images:
+            site_index.setdefault((image.site.well, image.site.site), len(site_index))
+        files = [
+            channel_path(
+                in_dir,
+                image.channel,
+                safe_file_name(image),
+                site_index[(image.site.well, image.site.site)] if plate_stage else None,
+            )
+            for image in claim.images
+        ]
+        if len(set(files)) != len(files):
+            twice = next(p for p in files if files.count(p) > 1)
+            return Failure(
+                FC.FAILURE_CLASS_INPUT_PROBLEM,
+                f"two images of one channel of one site are named {twice.name}",
+            )
+        for path in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             extra = [(f, input_file_path(in_dir, f.name)) for f in claim.input_files]
         except ValueError as exc:
@@ -278,8 +328,12 @@ class SiteProcessor:
                 )
                 for f, path in extra
             ]
+            channels = sorted({image.channel for image in claim.images})
             pipeline, *_ = await gather_or_cancel(
-                self._s3("download pipeline", partial(self.pipelines.get, claim.pipeline)), *downloads
+                self._s3(
+                    "download pipeline", partial(self.pipelines.get, claim.pipeline, channels, plate_stage)
+                ),
+                *downloads,
             )
         except ObjectMissing as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
@@ -287,27 +341,49 @@ class SiteProcessor:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input corrupt: {exc}")
         except GaveUp as exc:
             return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
+        except InputsProblem as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, str(exc))
         problem = await asyncio.to_thread(check_images, files)
         if problem:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
+        by_site: dict[int, tuple[dict[str, Path], tuple[str, str, int]]] = {}
+        for image, path in zip(claim.images, files, strict=True):
+            n = site_index[(image.site.well, image.site.site)]
+            key = (claim.site.plate, image.site.well, image.site.site)
+            by_site.setdefault(n, ({}, key))[0][image.channel] = path
+        try:
+            prepared: PreparedPipeline = pipeline  # type: ignore[assignment]
+            inputs = await asyncio.to_thread(
+                run_inputs, prepared, in_dir, [by_site[n] for n in sorted(by_site)], [p for _f, p in extra]
+            )
+        except InputsProblem as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, str(exc))
         download_s = time.perf_counter() - t0
 
         phase.name = "waiting for CellProfiler"
         runner = await runners.get()
         try:
             phase.name = "running"
-            timeout = (
-                self.stage_timeout if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE else self.site_timeout
+            # The file list holds the input files too, as with `cellprofiler
+            # -i FOLDER`: the pipeline's own rules pick its illumination
+            # functions and other files from it.
+            result = await runner.run_site(
+                prepared.path,
+                inputs.files,
+                out_dir,
+                self.stage_timeout if plate_stage else self.site_timeout,
+                input_dir=inputs.input_dir,
+                expected=inputs.expected_sets,
             )
-            # CellProfiler's file list is the whole input folder, as with
-            # `cellprofiler -i FOLDER`: the pipeline's own rules pick its
-            # illumination functions and other files from it.
-            listed = files + [path for _f, path in extra]
-            result = await runner.run_site(Path(str(pipeline)), listed, out_dir, timeout)
         finally:
             runners.put_nowait(runner)
         if not result.ok:
-            cls = FC.FAILURE_CLASS_TIMEOUT if result.timed_out else FC.FAILURE_CLASS_CP_PROBLEM
+            if result.timed_out:
+                cls = FC.FAILURE_CLASS_TIMEOUT
+            elif result.outcome == "INPUT_PROBLEM":
+                cls = FC.FAILURE_CLASS_INPUT_PROBLEM
+            else:
+                cls = FC.FAILURE_CLASS_CP_PROBLEM
             return Failure(cls, result.reason or "CellProfiler failed")
         ok, why = await asyncio.to_thread(self.judge, out_dir, list(claim.expected_tables))
         if not ok:

@@ -52,7 +52,7 @@ async def test_example_sbs_is_a_plate_stage_for_calculate_statistics(
         ]
 
 
-@pytest.mark.parametrize("module", ["CreateBatchFiles", "LoadData", "ExportToDatabase"])
+@pytest.mark.parametrize("module", ["CreateBatchFiles", "ExportToDatabase"])
 async def test_modules_that_need_the_whole_plate_are_refused(catalog: Catalog, module: str) -> None:
     content = pipeline(extra=[(module, [("Some setting", "x")])])
     with refused(INVALID, module, "runs across all image sets; cellmesh runs one site at a time"):

@@ -32,8 +32,8 @@ NAT = (
         ("Assign a name to", "Images matching rules"),
         ("Select the image type", "Grayscale image"),
         ("Name to assign these images", "DNA"),
-        ("Assignments count", "2"),
-        ("Single images count", "1"),
+        ("Assignments count", "3"),
+        ("Single images count", "0"),
         ("Select the rule criteria", 'and (file does contain "w1")'),
         ("Name to assign these images", "OrigDNA"),
         ("Name to assign these objects", "Cell"),
@@ -42,8 +42,8 @@ NAT = (
         ("Name to assign these images", "Unused"),
         ("Name to assign these objects", "Seeds"),
         ("Select the image type", "Objects"),
-        ("Single image location", "file:///illum.npy"),
-        ("Name to assign this image", "IllumDNA"),
+        ("Select the rule criteria", 'and (file does contain "illum")'),
+        ("Name to assign these images", "IllumDNA"),
         ("Name to assign these objects", "Nucleus"),
         ("Select the image type", "Illumination function"),
     ],
@@ -158,7 +158,7 @@ def test_every_project_example_is_runnable() -> None:
 # -- reading ------------------------------------------------------------------------------
 
 
-def test_names_and_types_rules_single_images_and_objects() -> None:
+def test_names_and_types_rules_images_objects_and_illumination_functions() -> None:
     p = cppipe.parse(text(NAT, PRIMARY, SECONDARY, export()))
     assert p.image_names == ("OrigDNA", "Seeds", "IllumDNA")
     assert p.object_names == ("Seeds", "Nuclei", "Cells", "FilteredNuclei")
@@ -271,7 +271,6 @@ def test_format_3_escapes() -> None:
     ("module", "hint"),
     [
         ("CreateBatchFiles", "own batch"),
-        ("LoadData", "NamesAndTypes"),
         ("ExportToDatabase", "ExportToSpreadsheet"),
     ],
 )
@@ -359,3 +358,107 @@ def test_module_count_must_match() -> None:
     content = text(NAT, PRIMARY, export()).replace("ModuleCount:3", "ModuleCount:4")
     with pytest.raises(PipelineError, match="ModuleCount:4 but 3 modules follow"):
         cppipe.parse(content)
+
+
+# -- LoadData and channel binding ---------------------------------------------------
+
+
+def loaddata(*settings: tuple[str, str]) -> tuple[str, list[tuple[str, str]]]:
+    values = dict(
+        [
+            ("Input data file location", "Default Input Folder|"),
+            ("Name of the file", "load_data.csv"),
+            ("Load images based on this data?", "Yes"),
+            ("Base image location", "None|"),
+            ("Process just a range of rows?", "No"),
+            ("Rows to process", "1,100000"),
+        ]
+    )
+    values.update(settings)
+    return ("LoadData", list(values.items()))
+
+
+def test_a_loaddata_pipeline_is_accepted_and_says_where_it_reads_its_csv() -> None:
+    p = cppipe.parse_for_sites(text(loaddata(), PRIMARY, export()))
+    assert p.loaddata == ("load_data.csv",)
+    assert p.image_names == ()  # the plate's channels give them
+    p = cppipe.parse_for_sites(
+        text(
+            loaddata(("Input data file location", "Default Input Folder sub-folder|csv/x")), PRIMARY, export()
+        )
+    )
+    assert p.loaddata == ("csv/x/load_data.csv",)
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        (
+            ("Input data file location", "Default Output Folder|"),
+            "'Input data file location' is 'Default Output Folder'",
+        ),
+        (
+            ("Input data file location", "Elsewhere...|/home/ubuntu/csvs"),
+            "'Input data file location' is 'Elsewhere...'",
+        ),
+        (("Input data file location", "Elsewhere...|"), "'Input data file location' is 'Elsewhere...'"),
+        (("Input data file location", "URL|http://x/load.csv"), "'Input data file location' is 'URL'"),
+        (("Input data file location", "Default Input Folder sub-folder|../up"), "leads out of its folder"),
+        (("Name of the file", "../load_data.csv"), "'Name of the file' leads out of its folder"),
+        (("Name of the file", "/tmp/load_data.csv"), "'Name of the file' is an absolute path"),
+        (("Name of the file", ""), "'Name of the file' is empty"),
+        (("Process just a range of rows?", "Yes"), None),
+    ],
+)
+def test_loaddata_csv_locations_outside_the_input_folder_are_refused(
+    setting: tuple[str, str], fragment: str | None
+) -> None:
+    content = text(loaddata(setting), PRIMARY, export())
+    if fragment is None:  # a range from row 1 is fine
+        cppipe.parse_for_sites(content)
+        return
+    with pytest.raises(PipelineError) as refused:
+        cppipe.parse_for_sites(content)
+    assert "LoadData (module 1)" in str(refused.value)
+    assert fragment in str(refused.value)
+
+
+def test_loaddata_rows_after_the_first_and_two_input_modules_are_refused() -> None:
+    rows = text(
+        loaddata(("Process just a range of rows?", "Yes"), ("Rows to process", "3,10")), PRIMARY, export()
+    )
+    with pytest.raises(PipelineError, match="processes only rows from 3 on"):
+        cppipe.parse_for_sites(rows)
+    with pytest.raises(PipelineError, match="keep one NamesAndTypes or one LoadData"):
+        cppipe.parse_for_sites(text(NAT, loaddata(), PRIMARY, export()))
+
+
+def test_bind_channels_replaces_only_the_rules_and_the_matching_method(shared_data: Path) -> None:
+    source = (shared_data / "example_human" / "ExampleHuman.cppipe").read_text()
+    source = source.replace("Image set matching method:Order", "Image set matching method:Metadata")
+    p = cppipe.parse(source)
+    bound = cppipe.bind_channels(p)
+    changed = [(a, b) for a, b in zip(source.splitlines(), bound.splitlines(), strict=True) if a != b]
+    assert changed == [
+        ("    Image set matching method:Metadata", "    Image set matching method:Order"),
+        (
+            '    Select the rule criteria:and (file does contain "d0.tif")',
+            '    Select the rule criteria:and (directory does endwith "/DNA")',
+        ),
+        (
+            '    Select the rule criteria:and (file does contain "d1.tif")',
+            '    Select the rule criteria:and (directory does endwith "/PH3")',
+        ),
+        (
+            '    Select the rule criteria:and (file does contain "d2.tif")',
+            '    Select the rule criteria:and (directory does endwith "/cellbody")',
+        ),
+    ]
+    assert cppipe.parse(bound).image_names == p.image_names
+
+
+def test_namesandtypes_single_images_are_refused(shared_data: Path) -> None:
+    source = (shared_data / "example_human" / "ExampleHuman.cppipe").read_text()
+    source = source.replace("Single images count:0", "Single images count:1")
+    with pytest.raises(PipelineError, match="assigns 1 single image"):
+        cppipe.parse_for_sites(source)
