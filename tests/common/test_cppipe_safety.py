@@ -118,8 +118,10 @@ def test_every_real_pipeline_passes_the_new_checks(shared_data: Path) -> None:
             continue
         with pytest.raises(PipelineError) as refused:
             cppipe.parse_for_sites(path.read_bytes())
-        # Exactly the per-site problems: nothing from the new checks.
-        assert str(refused.value) == "; ".join(pipeline.problems), name
+        # Exactly the per-site problems and the files it reads that are not
+        # attached: nothing from the safety checks.
+        expected_problems = list(pipeline.problems) + cppipe.input_file_problems(pipeline, ())
+        assert str(refused.value) == "; ".join(expected_problems), name
         assert str(refused.value).startswith(expected), name
 
 

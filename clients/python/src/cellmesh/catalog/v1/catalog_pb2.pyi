@@ -129,6 +129,7 @@ class Pipeline(_message.Message):
     IMAGE_NAMES_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, from the first registration."""
     @_builtins.property
@@ -153,6 +154,13 @@ class Pipeline(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was first registered."""
 
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFile]:
+        """The files the pipeline reads besides the channel images (an illumination
+        function, a metadata CSV, a worm model, ...), by name; every run finds
+        them in its Default Input Folder under these names.
+        """
+
     def __init__(
         self,
         *,
@@ -162,14 +170,85 @@ class Pipeline(_message.Message):
         image_names: _abc.Iterable[_builtins.str] | None = ...,
         tables: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        attachments: _abc.Iterable[Global___InputFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Pipeline: _TypeAlias = Pipeline  # noqa: Y015
+
+@_typing.final
+class InputFile(_message.Message):
+    """A file placed in a run's Default Input Folder under `name`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The file's name relative to the Default Input Folder, e.g.
+    "1049_Metadata.csv" or "illum/Channel1ILLUM.mat": '/'-separated, no
+    "..", no empty or hidden parts, at most 255 characters.
+    """
+    @_builtins.property
+    def object(self) -> _types_pb2.ObjectRef:
+        """Where it is stored, with its size and checksum."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        object: _types_pb2.ObjectRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputFile: _TypeAlias = InputFile  # noqa: Y015
+
+@_typing.final
+class Attachment(_message.Message):
+    """A file to attach to a pipeline at registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the pipeline reads it under (see InputFile.name)."""
+    content: _builtins.bytes
+    """Its bytes, for small files: at most 4 MiB each and 32 MiB for all the
+    attachments of one request together.
+    """
+    @_builtins.property
+    def object(self) -> _types_pb2.ObjectRef:
+        """A file already in the object store, at most 2 GiB (upload big files
+        first; the client does it for you); the catalog reads it to check its
+        size and SHA-256.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        object: _types_pb2.ObjectRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "object", b"object", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "object", b"object", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["content", "object"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___Attachment: _TypeAlias = Attachment  # noqa: Y015
 
 @_typing.final
 class RegisterPipelineRequest(_message.Message):
@@ -179,19 +258,29 @@ class RegisterPipelineRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, e.g. "nuclei-v2"."""
     content: _builtins.bytes
     """The .cppipe file's bytes (at most 4 MiB)."""
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
+        """The files the pipeline reads besides the channel images, at most 100.
+        Each one is stored once by its SHA-256, and they are part of the
+        pipeline's identity: the same .cppipe with other attachments is another
+        pipeline.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         content: _builtins.bytes = ...,
+        attachments: _abc.Iterable[Global___Attachment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "content", b"content", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -893,6 +982,7 @@ class SiteClaim(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
     EXPECTED_TABLES_FIELD_NUMBER: _builtins.int
+    INPUT_FILES_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
@@ -914,7 +1004,15 @@ class SiteClaim(_message.Message):
         """The object tables the pipeline must produce, as the paths of their files
         in CellProfiler's output folder (ExportToSpreadsheet's file names with
         its prefix and extension, e.g. "Image.csv", "Nuclei.csv"); Pipeline.tables
-        has the same tables by name.
+        has the same tables by name. Empty for a pipeline that exports no
+        tables (only SaveImages): then the run must write at least one file.
+        """
+
+    @_builtins.property
+    def input_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFile]:
+        """Files placed in the run's Default Input Folder under `name` besides the
+        channel images: the pipeline's attachments, later also plate artifacts
+        of earlier stages. The worker checks each one's SHA-256.
         """
 
     def __init__(
@@ -926,10 +1024,11 @@ class SiteClaim(_message.Message):
         images: _abc.Iterable[Global___Image] | None = ...,
         pipeline: _types_pb2.PipelineRef | None = ...,
         expected_tables: _abc.Iterable[_builtins.str] | None = ...,
+        input_files: _abc.Iterable[Global___InputFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "expected_tables", b"expected_tables", "images", b"images", "pipeline", b"pipeline", "site", b"site", "site_job_id", b"site_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "expected_tables", b"expected_tables", "images", b"images", "input_files", b"input_files", "pipeline", b"pipeline", "site", b"site", "site_job_id", b"site_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
