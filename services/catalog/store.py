@@ -53,6 +53,7 @@ from services.catalog.domain import (
     FailureClass,
     ImageIn,
     ImageInfo,
+    InputFile,
     InvalidArgument,
     Layout,
     MissingSite,
@@ -286,6 +287,8 @@ class CatalogStore:
                 tables=info.tables,
                 table_files=info.table_files,
                 created_at=utcnow(),
+                content_sha256=info.content_sha256 or None,
+                attachments=[_input_file_json(a) for a in info.attachments] or None,
             )
             session.add(row)
             await session.flush()
@@ -926,6 +929,8 @@ class CatalogStore:
                             PipelineRow.sha256,
                             PipelineRow.key,
                             PipelineRow.table_files,
+                            PipelineRow.content_sha256,
+                            PipelineRow.attachments,
                         )
                         .select_from(RunRow)
                         .join(PlateRow, PlateRow.id == RunRow.plate_id)
@@ -962,6 +967,8 @@ class CatalogStore:
                         pipeline_sha256=run.sha256,
                         pipeline_key=run.key,
                         expected_tables=list(run.table_files),
+                        input_files=_input_files(run.attachments),
+                        pipeline_content_sha256=run.content_sha256 or "",
                     )
                 )
             return claims, {r.name for r in runs.values()}
@@ -1865,7 +1872,17 @@ def _pipeline_info(row: PipelineRow) -> PipelineInfo:
         tables=list(row.tables),
         table_files=list(row.table_files),
         created_at=row.created_at,
+        attachments=_input_files(row.attachments),
+        content_sha256=row.content_sha256 or "",
     )
+
+
+def _input_file_json(f: InputFile) -> dict[str, Any]:
+    return {"name": f.name, "key": f.key, "size": f.size, "sha256": f.sha256}
+
+
+def _input_files(value: list[dict[str, Any]] | None) -> list[InputFile]:
+    return [InputFile(str(f["name"]), str(f["key"]), int(f["size"]), str(f["sha256"])) for f in value or []]
 
 
 def _plate_info(plate: PlateRow, pipelines: list[str]) -> PlateInfo:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 HEADER = "CellProfiler Pipeline: http://www.cellprofiler.org"
@@ -1078,8 +1078,10 @@ MAX_INPUT_NAME = 255
 IMAGES_ONLY_FILTER = 'and (extension does isimage) (directory doesnot containregexp "[\\\\/]\\.")'
 #: Extensions CellProfiler's "isimage" takes for images (its Java IsImagePredicate:
 #: what Bio-Formats reads); an illumination function (.npy, .mat), a CSV or XML is not.
-_NOT_IMAGE_EXTENSIONS = frozenset({"npy", "mat", "csv", "txt", "xml", "json", "model", "pkl", "ijm", "py"})
-_EXTENSION_TESTS = {
+_NOT_IMAGE_EXTENSIONS = frozenset(
+    {"npy", "mat", "csv", "txt", "xml", "json", "h5", "model", "pkl", "ijm", "py"}
+)
+_EXTENSION_TESTS: dict[str, Callable[[str], bool]] = {
     "istif": lambda ext: ext.lower() in ("tif", "tiff", "ome.tif", "ome.tiff"),
     "isjpeg": lambda ext: ext.lower() in ("jpg", "jpeg"),
     "ispng": lambda ext: ext.lower() == "png",
