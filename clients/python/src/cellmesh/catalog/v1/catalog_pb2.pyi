@@ -228,7 +228,7 @@ class Attachment(_message.Message):
     """
     @_builtins.property
     def object(self) -> _types_pb2.ObjectRef:
-        """A file already in the object store, at most 2 GiB (upload big files
+        """A file already in the object store, at most 256 MiB (upload big files
         first; the client does it for you); the catalog reads it to check its
         size and SHA-256.
         """
