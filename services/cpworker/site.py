@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Protocol, TypeVar
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
+from services.common import cppipe
 from services.common.retry import GaveUp, with_backoff
 from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
 
@@ -163,17 +165,75 @@ class PipelineCache:
 
     def __init__(self, store: ObjectStore, folder: Path) -> None:
         self._store = store
-        self._folder = folder
+        self.folder = folder
         self._lock = asyncio.Lock()
 
     async def get(self, ref: object) -> Path:
-        sha = ref.sha256  # type: ignore[attr-defined]
+        # A pipeline with attachments is identified by a manifest; its .cppipe
+        # file has a checksum of its own.
+        sha = ref.content_sha256 or ref.sha256  # type: ignore[attr-defined]
         key = ref.key  # type: ignore[attr-defined]
-        path = self._folder / f"{sha}.cppipe"
+        path = self.folder / f"{sha}.cppipe"
         async with self._lock:
             if not path.exists():
                 await self._store.get_file(key, path, expected_sha256=sha)
         return path
+
+
+class InputFileCache:
+    """A run's input files (pipeline attachments, plate artifacts) fetched by
+    SHA-256 once per worker, kept on disk and linked into each run's Default
+    Input Folder (copied where a hard link cannot be made)."""
+
+    def __init__(self, store: ObjectStore, folder: Path) -> None:
+        self._store = store
+        self._folder = folder
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, obj: types_pb2.ObjectRef) -> Path:
+        path = self._folder / obj.sha256
+        lock = self._locks.setdefault(obj.sha256, asyncio.Lock())
+        async with lock:
+            if not path.exists():
+                await self._store.get_file(obj.key, path, expected_sha256=obj.sha256)
+        return path
+
+    async def place(self, item: catalog_pb2.InputFile, folder: Path) -> Path:
+        """The input file at `folder`/its name."""
+        cached = await self.get(item.object)
+        target = folder / item.name
+        await asyncio.to_thread(_link_or_copy, cached, target)
+        return target
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def input_file_problem(claim: catalog_pb2.SiteClaim, image_names: list[str]) -> str | None:
+    """Why the claim's input files cannot be placed next to its images, or None."""
+    seen = set(image_names)
+    for item in claim.input_files:
+        why = cppipe.check_input_name(item.name)
+        if why:
+            return why
+        if item.name in seen:
+            return f"input file {item.name} has the name of another input of the site (a channel image?)"
+        seen.add(item.name)
+    return None
+
+
+def bound_input_files(pipeline: Path, names: list[str]) -> list[str]:
+    """The input files the pipeline's NamesAndTypes assigns image names to (an
+    illumination function): CellProfiler gets them with the channel images."""
+    if not names:
+        return []
+    parsed = cppipe.parse(pipeline.read_bytes())
+    return sorted({n for files in cppipe.bound_images(parsed, names).values() for n in files})
 
 
 class SiteProcessor:
@@ -188,6 +248,7 @@ class SiteProcessor:
         work_root: Path,
         site_timeout: float,
         transient_budget: float = 120.0,
+        inputs: InputFileCache | None = None,
     ) -> None:
         self.store = store
         self.pipelines = pipelines
@@ -196,6 +257,7 @@ class SiteProcessor:
         self.work_root = work_root
         self.site_timeout = site_timeout
         self.transient_budget = transient_budget
+        self.inputs = inputs or InputFileCache(store, pipelines.folder / "inputs")
 
     async def _s3(self, what: str, call: object) -> object:
         return await with_backoff(
@@ -237,6 +299,9 @@ class SiteProcessor:
         out_dir.mkdir()
         t0 = time.perf_counter()
         files = [in_dir / safe_file_name(image) for image in claim.images]
+        problem = input_file_problem(claim, [f.name for f in files])
+        if problem:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
         try:
             downloads = [
                 self._s3(
@@ -245,8 +310,14 @@ class SiteProcessor:
                 )
                 for image, path in zip(claim.images, files, strict=True)
             ]
+            inputs = [
+                self._s3(f"download input file {item.name}", partial(self.inputs.place, item, in_dir))
+                for item in claim.input_files
+            ]
             pipeline, *_ = await gather_or_cancel(
-                self._s3("download pipeline", partial(self.pipelines.get, claim.pipeline)), *downloads
+                self._s3("download pipeline", partial(self.pipelines.get, claim.pipeline)),
+                *downloads,
+                *inputs,
             )
         except ObjectMissing as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
@@ -257,6 +328,13 @@ class SiteProcessor:
         problem = await asyncio.to_thread(check_images, files)
         if problem:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
+        try:
+            bound = await asyncio.to_thread(
+                bound_input_files, Path(str(pipeline)), [i.name for i in claim.input_files]
+            )
+        except cppipe.PipelineError as exc:
+            return Failure(FC.FAILURE_CLASS_CP_PROBLEM, f"the pipeline cannot be read: {exc}")
+        files += [in_dir / name for name in bound]
         download_s = time.perf_counter() - t0
 
         phase.name = "waiting for CellProfiler"
@@ -305,7 +383,8 @@ class SiteProcessor:
         provenance = catalog_pb2.Provenance(
             cellprofiler_version=result.cp_version,
             pipeline_sha256=claim.pipeline.sha256,
-            input_sha256=[i.object.sha256 for i in claim.images],
+            input_sha256=[i.object.sha256 for i in claim.images]
+            + [f.object.sha256 for f in claim.input_files],
             worker_id=self.worker_id,
             download_seconds=download_s,
             run_seconds=result.seconds,
