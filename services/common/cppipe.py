@@ -1253,6 +1253,19 @@ def _rule(text: str) -> object | None:
         return None
 
 
+def _only_attachments(rule: object) -> bool:
+    """Whether a rule matches no channel image: it insists on a non-image
+    extension or on one exact file name (``file does eq``) at the top of an 'and'."""
+    if _requires_non_image(rule):
+        return True
+    if not isinstance(rule, list) or not rule:
+        return False
+    if rule[0] == "and":
+        return any(_only_attachments(item) for item in rule[1:])
+    words = [w[1] if isinstance(w, tuple) else w for w in rule]
+    return len(words) == 4 and words[:3] == ["file", "does", "eq"]
+
+
 def _requires_non_image(rule: object) -> str | None:
     """The non-image extension a rule insists on (``file does endwith ".mat"``
     at the top of an 'and'), which no microscope's channel image has."""
@@ -1426,7 +1439,14 @@ def input_file_problems(pipeline: Pipeline, input_files: Collection[str]) -> lis
         for assignment in _assignments(module):
             files = bound.get(assignment.image_name, [])
             rule = _rule(assignment.rule_text)
-            if len(files) > 1:
+            if files and assignment.image_type != "Illumination function" and not _only_attachments(rule):
+                problems.append(
+                    f"{title} assigns {assignment.image_name} to files matching "
+                    f"'{assignment.rule_text}', which the attachment {files[0]} matches too: CellProfiler "
+                    f"would take it for a {assignment.image_name} image besides the channel's; rename the "
+                    'attachment, or narrow the rule (e.g. file does eq "<its name>")'
+                )
+            elif len(files) > 1:
                 problems.append(
                     f"{title} assigns {assignment.image_name} to files matching "
                     f"'{assignment.rule_text}', which several attachments match ({', '.join(files)}): "

@@ -94,6 +94,13 @@ def test_the_images_filter_must_pass_an_assigned_attachment() -> None:
     )
 
 
+def test_an_attachment_a_channel_rule_matches_is_refused() -> None:
+    found = problems(text(IMAGES, NAT, export()), ("illum_1.npy", "DNA_background.npy"))
+    assert len(found) == 1
+    assert "assigns DNA to files matching 'and (file does contain \"DNA\")', which the attachment" in found[0]
+    assert "DNA_background.npy matches too" in found[0]
+
+
 def test_two_attachments_for_one_image_name_are_refused() -> None:
     found = problems(text(IMAGES, NAT, export()), ("illum_a.npy", "illum_b.npy"))
     assert len(found) == 1 and "several attachments match (illum_a.npy, illum_b.npy)" in found[0]
