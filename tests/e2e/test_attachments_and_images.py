@@ -322,5 +322,11 @@ async def test_a_pipeline_that_only_saves_images(tmp_path: Path) -> None:
                 assert np.allclose(array, original / scale, atol=1e-6)
                 saved = tifffile.imread(io.BytesIO(await store.get_bytes(files[f"{stem}_copy.tiff"].key)))
                 assert saved.shape == (SIZE, SIZE)
+            # The plate still settles: its report has no tables to gather (the
+            # worker's done-file is not one) and lists every site's files as they are.
+            await wait_complete(catalog, "IMG1", timeout=120, mesh=mesh)
+            report = (await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate="IMG1"))).report
+            assert [f.name for f in report.files] == ["summary.json"]
+            assert {m.reason for m in report.missing_sites} == {"no result tables"}
     finally:
         await stop_mesh(mesh)
