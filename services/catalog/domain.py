@@ -49,6 +49,21 @@ SETTLED = (SiteState.DONE, SiteState.FAILED)
 IN_FLIGHT = (SiteState.CLAIMED, SiteState.QUEUED, SiteState.RUNNING)
 
 
+class Scope(IntEnum):
+    """The integers of `cellmesh.common.v1.PipelineScope`."""
+
+    SITE = 1
+    PLATE = 2
+
+
+class Gate(IntEnum):
+    """Whether a run's jobs may run, given the plate-scope stages before it."""
+
+    HELD = 0  # an earlier plate stage is not done: its artifacts do not exist yet
+    OPEN = 1  # every earlier plate stage is done (or there is none)
+    BROKEN = 2  # an earlier plate stage failed for good: nothing of this run can run
+
+
 class FailureClass(IntEnum):
     """The integers of `cellmesh.common.v1.FailureClass`."""
 
@@ -100,6 +115,10 @@ class PipelineInfo:
     attachments: list[InputFile] = field(default_factory=list)
     content_sha256: str = ""
     """The .cppipe's own SHA-256; empty when it is `sha256` (no attachments)."""
+    stage_inputs: list[str] = field(default_factory=list)
+    """Files it reads that an earlier plate stage writes (not attached)."""
+    scope: Scope = Scope.SITE
+    scope_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -168,8 +187,11 @@ class SiteClaim:
     pipeline_sha256: str
     pipeline_key: str
     expected_tables: list[str]
-    input_files: list[InputFile] = field(default_factory=list)
     pipeline_content_sha256: str = ""
+    scope: Scope = Scope.SITE
+    input_files: list[InputFile] = field(default_factory=list)
+    """Files for the Default Input Folder (the pipeline's attachments, then
+    the artifacts of the plate stages before it): `name` is the path there."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +231,7 @@ class SiteJobInfo:
     results: list[ResultFile]
     provenance: Provenance | None
     execution_id: str = ""
+    scope: Scope = Scope.SITE
 
 
 @dataclass(frozen=True)

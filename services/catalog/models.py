@@ -5,7 +5,8 @@
     runs        one per (plate, pipeline): results generation, reduce bookkeeping
     sites       one per (plate, well, site) the catalog knows of
     images      one per (site, channel)
-    site_jobs   one per (run, site): the state machine the scheduler and workers drive
+    site_jobs   one per (run, site) of a site-scope run, one per plate-scope run
+                (site_id NULL): the state machine the scheduler and workers drive
     reports     plate reports, versioned per run
 
 Timestamps are naive UTC. States and failure classes are stored as the
@@ -71,6 +72,11 @@ class PipelineRow(Base):
     content_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The files it reads: [{"name", "key", "size", "sha256"}] by name; NULL: none.
     attachments: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # Names of files it expects from an earlier plate stage; NULL: none.
+    stage_inputs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # `domain.Scope`: one run per site, or one per plate (a plate stage).
+    scope: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
+    scope_reasons: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class PlateRow(Base):
@@ -109,6 +115,9 @@ class RunRow(Base):
     reduce_claim_expires_at: Mapped[datetime | None]
     reduce_queued_generation: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
+    # `domain.Gate`: whether the plate-scope stages before this run let its
+    # jobs run (see CatalogStore._gate_stages).
+    gate: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
 
 
 class SiteRow(Base):
@@ -157,7 +166,8 @@ class SiteJobRow(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
-    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    # None for the one job of a plate-scope run (a plate stage).
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))
     state: Mapped[int] = mapped_column(SmallInteger)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     ready_at: Mapped[datetime | None]

@@ -59,6 +59,21 @@ MAX_INLINE_ATTACHMENTS_BYTES = 32 * 1024 * 1024
 MAX_STORED_ATTACHMENT_BYTES = 256 * 1024 * 1024
 
 
+def _stage_inputs_in(names: Sequence[str], attached: Sequence[str]) -> list[str]:
+    """The names of files the pipeline expects from an earlier plate stage, checked."""
+    out: list[str] = []
+    for name in names:
+        why = cppipe.check_input_name(name)
+        if why:
+            raise d.InvalidArgument(why)
+        if name in attached or name in out:
+            raise d.InvalidArgument(f"stage input {name} is given twice (or is also attached)")
+        out.append(name)
+    if len(out) > MAX_ATTACHMENTS:
+        raise d.InvalidArgument(f"{len(out)} stage inputs; at most {MAX_ATTACHMENTS} are accepted")
+    return sorted(out)
+
+
 @dataclass(frozen=True)
 class _AttachmentIn:
     name: str
@@ -162,13 +177,26 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     f"name must be at most {MAX_PIPELINE_NAME} printable characters, e.g. 'nuclei-v2'"
                 )
             attachments = _attachments_in(request.attachments)
-            names = [a.name for a in attachments]
+            stage_inputs = _stage_inputs_in(request.stage_inputs, [a.name for a in attachments])
+            names = [a.name for a in attachments] + stage_inputs
             parsed = cppipe.parse_for_sites(content, input_files=names)
+            asked = {
+                types_pb2.PIPELINE_SCOPE_SITE: cppipe.SCOPE_SITE,
+                types_pb2.PIPELINE_SCOPE_PLATE: cppipe.SCOPE_PLATE,
+            }.get(request.scope, "")
+            scope_name, scope_reasons = cppipe.decide_scope(parsed, asked)
+            scope = d.Scope.PLATE if scope_name == cppipe.SCOPE_PLATE else d.Scope.SITE
             content_sha = sha256_bytes(content)
             stored = [await self._attachment(a) for a in attachments]
             sha = d.pipeline_sha256(content_sha, stored)
             found = await self.store.find_pipeline(sha)
             if found is not None:
+                if asked and found.scope != scope:
+                    raise d.FailedPrecondition(
+                        f"pipeline {sha[:12]} is registered with scope {found.scope.name} already; "
+                        "the scope is not part of a pipeline's identity: leave it unset, or register "
+                        "a copy of the pipeline (e.g. with another name in its first module's notes)"
+                    )
                 return catalog_pb2.RegisterPipelineResponse(
                     pipeline=_pipeline(found), already_registered=True
                 )
@@ -186,6 +214,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     created_at=datetime.now(UTC),
                     attachments=stored,
                     content_sha256=content_sha if stored else "",
+                    scope=scope,
+                    scope_reasons=scope_reasons,
+                    stage_inputs=stage_inputs,
                 ),
                 size=len(content),
             )
@@ -557,12 +588,19 @@ def _pipeline(p: d.PipelineInfo) -> catalog_pb2.Pipeline:
     return catalog_pb2.Pipeline(
         ref=types_pb2.PipelineRef(sha256=p.sha256, key=p.key, content_sha256=p.content_sha256),
         attachments=[_input_file(a) for a in p.attachments],
+        stage_inputs=p.stage_inputs,
         name=p.name,
         modules=p.modules,
         image_names=p.image_names,
         tables=p.tables,
         created_at=_ts(p.created_at),
+        scope=_scope(p.scope),
+        scope_reasons=p.scope_reasons,
     )
+
+
+def _scope(scope: d.Scope) -> types_pb2.PipelineScope.ValueType:
+    return cast("types_pb2.PipelineScope.ValueType", int(scope))
 
 
 def _plate(p: d.PlateInfo) -> catalog_pb2.Plate:
@@ -613,6 +651,7 @@ def _site_claim(c: d.SiteClaim) -> catalog_pb2.SiteClaim:
         ),
         expected_tables=c.expected_tables,
         input_files=[_input_file(f) for f in c.input_files],
+        scope=_scope(c.scope),
     )
 
 
@@ -669,6 +708,7 @@ def _site_job(j: d.SiteJobInfo) -> catalog_pb2.SiteJob:
         finished_at=_ts(j.finished_at),
         results=_result_files(j.results),
         provenance=None if j.provenance is None else _provenance(j.provenance),
+        scope=_scope(j.scope),
     )
 
 

@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from services.catalog import stages
 from services.catalog.domain import (
     IN_FLIGHT,
     SETTLED,
@@ -67,6 +68,7 @@ from services.catalog.domain import (
     ReportFile,
     ResultFile,
     RunClaim,
+    Scope,
     SiteClaim,
     SiteJobInfo,
     SiteKey,
@@ -289,6 +291,9 @@ class CatalogStore:
                 created_at=utcnow(),
                 content_sha256=info.content_sha256 or None,
                 attachments=[_input_file_json(a) for a in info.attachments] or None,
+                stage_inputs=list(info.stage_inputs) or None,
+                scope=int(info.scope),
+                scope_reasons=list(info.scope_reasons),
             )
             session.add(row)
             await session.flush()
@@ -360,8 +365,10 @@ class CatalogStore:
             run = RunRow(plate_id=plate.id, pipeline_id=pipeline.id, position=0, created_at=now)
             session.add(run)
             await session.flush()
-            if expected:
-                site_ids = await self._insert_sites(session, plate.id, expected)
+            site_ids = await self._insert_sites(session, plate.id, expected) if expected else {}
+            if pipeline.scope == int(Scope.PLATE):
+                await self._insert_jobs(session, [stages.stage_job_row(run.id)])
+            elif expected:
                 await self._insert_jobs(
                     session,
                     [
@@ -369,6 +376,7 @@ class CatalogStore:
                         for sid in (site_ids[s] for s in expected)
                     ],
                 )
+            await stages.gate_stages(session, plate, now)
             return await self._plate_info(session, plate)
 
         try:
@@ -410,8 +418,14 @@ class CatalogStore:
         async def work(session: AsyncSession) -> tuple[PlateInfo, int]:
             plate = await self._require_plate(session, plate_name, lock=True)
             pipeline = await self._require_pipeline(session, pipeline_sha256)
-            _check_pipeline_fits(pipeline, plate.channels, plate.name)
             runs = list(await session.scalars(select(RunRow).where(RunRow.plate_id == plate.id)))
+            stage = await session.scalar(
+                select(PipelineRow)
+                .join(RunRow, RunRow.pipeline_id == PipelineRow.id)
+                .where(RunRow.plate_id == plate.id, PipelineRow.scope == int(Scope.PLATE))
+                .limit(1)
+            )
+            _check_pipeline_fits(pipeline, plate.channels, plate.name, stage)
             if any(r.pipeline_id == pipeline.id for r in runs):
                 raise AlreadyExists(
                     f"pipeline {_pipeline_label(pipeline)} already runs on plate {plate.name!r}"
@@ -425,6 +439,10 @@ class CatalogStore:
             )
             session.add(run)
             await session.flush()
+            if pipeline.scope == int(Scope.PLATE):
+                await self._insert_jobs(session, [stages.stage_job_row(run.id)])
+                await stages.gate_stages(session, plate, now)
+                return await self._plate_info(session, plate), 1
             present = await self._channels_by_site(session, plate.id)
             jobs = []
             failed = 0
@@ -445,6 +463,7 @@ class CatalogStore:
             await self._insert_jobs(session, jobs)
             if failed:
                 run.generation = failed
+            await stages.gate_stages(session, plate, now)
             return await self._plate_info(session, plate), len(jobs)
 
         result = await self._run(work)
@@ -487,6 +506,7 @@ class CatalogStore:
                         failed += _rowcount(result)
                 if failed:
                     await self._bump_generation(session, run.id, failed)
+            await stages.gate_stages(session, plate, now)
             found: list[tuple[int, int, int, str]] = []
             for part in chunks(list(present)):
                 rows = await session.execute(
@@ -766,7 +786,13 @@ class CatalogStore:
             }
         )
         if new_site_ids:
-            run_ids = list(await session.scalars(select(RunRow.id).where(RunRow.plate_id == plate.id)))
+            run_ids = list(
+                await session.scalars(
+                    select(RunRow.id)
+                    .join(PipelineRow, PipelineRow.id == RunRow.pipeline_id)
+                    .where(RunRow.plate_id == plate.id, PipelineRow.scope != int(Scope.PLATE))
+                )
+            )
             jobs = [_job_row(r, s, SiteState.READY, now) for r in run_ids for s in newly_complete_new]
             jobs += [_job_row(r, s, SiteState.WAITING, None) for r in run_ids for s in incomplete_new]
             await self._insert_jobs(session, jobs)
@@ -779,6 +805,18 @@ class CatalogStore:
             )
         for part in chunks(replaced_complete):
             await _reset_jobs(session, now, SiteJobRow.site_id.in_(part))
+        if replaced_complete and await stages.has_stages(session, plate.id):
+            # A plate stage that ran with a replaced image runs again (and
+            # the stages after it, see stages.gate_stages).
+            await stages.reset_jobs(
+                session,
+                now,
+                SiteJobRow.run_id.in_(select(RunRow.id).where(RunRow.plate_id == plate.id)),
+                SiteJobRow.site_id.is_(None),
+                SiteJobRow.state != int(SiteState.WAITING),
+                state=SiteState.WAITING,
+            )
+        await stages.gate_stages(session, plate, now)
         return len(newly_complete_old) + len(newly_complete_new)
 
     async def _site_ids(
@@ -913,13 +951,10 @@ class CatalogStore:
                     .order_by(*oldest_first)
                 )
             ).all()
-            sites = {
-                site.id: site
-                for site in await session.scalars(
-                    select(SiteRow).where(SiteRow.id.in_([j.site_id for j in jobs]))
-                )
-            }
+            # A plate stage's job has no site: it gets every complete site of its plate.
+            stage_sites: dict[int, list[int]] = {}
             runs = {}
+            artifacts: dict[int, list[ResultFile]] = {}
             for run_id in {j.run_id for j in jobs}:
                 runs[run_id] = (
                     await session.execute(
@@ -931,6 +966,9 @@ class CatalogStore:
                             PipelineRow.table_files,
                             PipelineRow.content_sha256,
                             PipelineRow.attachments,
+                            PipelineRow.scope,
+                            RunRow.plate_id,
+                            RunRow.position,
                         )
                         .select_from(RunRow)
                         .join(PlateRow, PlateRow.id == RunRow.plate_id)
@@ -938,37 +976,60 @@ class CatalogStore:
                         .where(RunRow.id == run_id)
                     )
                 ).one()
+                run = runs[run_id]
+                artifacts[run_id] = (
+                    await stages.artifacts_before(session, run.plate_id, run.position)
+                    if run.position > 0
+                    else []
+                )
+                if run.scope == int(Scope.PLATE):
+                    plate_row = await session.get(PlateRow, run.plate_id)
+                    assert plate_row is not None
+                    stage_sites[run_id] = await stages.complete_site_ids(session, plate_row)
+            site_ids = {j.site_id for j in jobs if j.site_id is not None}
+            for ids in stage_sites.values():
+                site_ids.update(ids)
+            sites: dict[int, SiteRow] = {}
+            for part in chunks(sorted(site_ids)):
+                for site in await session.scalars(select(SiteRow).where(SiteRow.id.in_(part))):
+                    sites[site.id] = site
             images = await self._images_of_sites(session, list(sites))
             claims = []
             for job in jobs:
-                site = sites[job.site_id]
                 run = runs[job.run_id]
                 order = {c: n for n, c in enumerate(run.channels)}
-                site_images = sorted(images.get(site.id, []), key=lambda i: order.get(i.channel, len(order)))
+                covered = stage_sites[job.run_id] if job.site_id is None else [job.site_id]
+                claim_images = [
+                    ImageInfo(
+                        run.name,
+                        sites[sid].well,
+                        sites[sid].site,
+                        i.channel,
+                        i.key,
+                        i.size,
+                        i.sha256,
+                        i.file_name,
+                        i.registered_at,
+                    )
+                    for sid in covered
+                    for i in sorted(images.get(sid, []), key=lambda i: order.get(i.channel, len(order)))
+                ]
+                if job.site_id is None:
+                    key = SiteKey(run.name, "", 0)
+                else:
+                    key = SiteKey(run.name, sites[job.site_id].well, sites[job.site_id].site)
                 claims.append(
                     SiteClaim(
                         site_job_id=job.id,
                         attempt=job.attempt,
-                        site=SiteKey(run.name, site.well, site.site),
-                        images=[
-                            ImageInfo(
-                                run.name,
-                                site.well,
-                                site.site,
-                                i.channel,
-                                i.key,
-                                i.size,
-                                i.sha256,
-                                i.file_name,
-                                i.registered_at,
-                            )
-                            for i in site_images
-                        ],
+                        site=key,
+                        images=claim_images,
                         pipeline_sha256=run.sha256,
                         pipeline_key=run.key,
                         expected_tables=list(run.table_files),
-                        input_files=_input_files(run.attachments),
                         pipeline_content_sha256=run.content_sha256 or "",
+                        scope=Scope(run.scope),
+                        input_files=_claim_inputs(run.attachments, artifacts[job.run_id]),
                     )
                 )
             return claims, {r.name for r in runs.values()}
@@ -1036,6 +1097,11 @@ class CatalogStore:
         assert run is not None
         plate = await session.scalar(select(PlateRow.name).where(PlateRow.id == run.plate_id))
         return job, run, str(plate)
+
+    async def _gate_plate(self, session: AsyncSession, plate_id: int, now: datetime) -> None:
+        plate = await session.get(PlateRow, plate_id, with_for_update=True)
+        assert plate is not None
+        await stages.gate_stages(session, plate, now)
 
     async def start_site_job(
         self, job_id: int, attempt: int, worker_id: str, execution_id: str = ""
@@ -1182,6 +1248,8 @@ class CatalogStore:
             ]
             job.provenance = None if provenance is None else _provenance_json(provenance)
             await self._bump_generation(session, run.id)
+            if job.site_id is None:
+                await self._gate_plate(session, run.plate_id, now)
             return True, plate
 
         recorded, plate = await self._run(work)
@@ -1243,6 +1311,8 @@ class CatalogStore:
             job.state = int(SiteState.FAILED)
             job.finished_at = now
             await self._bump_generation(session, run.id)
+            if job.site_id is None:
+                await self._gate_plate(session, run.plate_id, now)
             return FailResult(False, job.attempt, SiteState.FAILED), plate
 
         result, plate = await self._run(work)
@@ -1264,7 +1334,9 @@ class CatalogStore:
             _check(validate.check_sha256, pipeline_sha256, "pipeline_sha256")
             query = query.where(PipelineRow.sha256 == pipeline_sha256)
         else:
-            query = query.order_by(RunRow.position).limit(1)
+            # The first site-scope stage: a workflow's plate stages (an
+            # illumination function) come before the analysis users follow.
+            query = query.order_by(PipelineRow.scope == int(Scope.PLATE), RunRow.position).limit(1)
         found = (await session.execute(query)).first()
         if found is None:
             if await self._pipeline_row(session, pipeline_sha256) is None:
@@ -1288,15 +1360,18 @@ class CatalogStore:
             plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
             query = (
                 select(SiteJobRow, SiteRow.well, SiteRow.site)
-                .join(SiteRow, SiteRow.id == SiteJobRow.site_id)
+                .outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
                 .where(SiteJobRow.run_id == run.id)
                 .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
             )
             if states:
                 query = query.where(SiteJobRow.state.in_([int(s) for s in states]))
             rows = await session.execute(query)
+            scope = Scope(pipeline.scope or Scope.SITE)
             return [
-                _job_info(job, SiteKey(plate.name, well, site), pipeline.sha256, with_results)
+                _job_info(
+                    job, SiteKey(plate.name, well or "", site or 0), pipeline.sha256, with_results, scope
+                )
                 for job, well, site in rows
             ]
 
@@ -1333,9 +1408,11 @@ class CatalogStore:
             keys.append((*_check(validate.parse_well, well), _check(validate.check_site, site)))
 
         async def work(session: AsyncSession) -> tuple[int, str]:
-            plate, run, _pipeline = await self._resolve_run(
+            plate, run, pipeline = await self._resolve_run(
                 session, plate_name, pipeline_sha256, lock_plate=True
             )
+            if pipeline.scope == int(Scope.PLATE):
+                return await self._requeue_stage(session, plate, run, pipeline, bool(keys)), plate.name
             query = (
                 select(SiteJobRow, SiteRow.well, SiteRow.site)
                 .join(SiteRow, SiteRow.id == SiteJobRow.site_id)
@@ -1375,11 +1452,38 @@ class CatalogStore:
             now = utcnow()
             for part in chunks([job.id for job in complete]):
                 await _reset_jobs(session, now, SiteJobRow.id.in_(part))
+            await stages.gate_stages(session, plate, now)
             return len(complete), plate.name
 
         count, plate = await self._run(work)
         self.changes.notify([plate])
         return count
+
+    async def _requeue_stage(
+        self, session: AsyncSession, plate: PlateRow, run: RunRow, pipeline: PipelineRow, with_sites: bool
+    ) -> int:
+        """A plate stage's one job runs again, done or failed; the stages
+        after it wait for its new artifacts and run again too."""
+        if with_sites:
+            raise InvalidArgument(
+                f"pipeline {_pipeline_label(pipeline)} is a plate stage of plate {plate.name!r}: "
+                "it has no sites of its own; requeue it without sites"
+            )
+        job = await session.scalar(
+            select(SiteJobRow)
+            .where(SiteJobRow.run_id == run.id, SiteJobRow.site_id.is_(None))
+            .with_for_update()
+        )
+        if job is None or job.state not in (int(SiteState.DONE), int(SiteState.FAILED)):
+            state = "missing" if job is None else SiteState(job.state).name
+            raise FailedPrecondition(
+                f"the plate stage {_pipeline_label(pipeline)} of plate {plate.name!r} is {state}; "
+                "only a done or failed stage is requeued"
+            )
+        now = utcnow()
+        await stages.reset_jobs(session, now, SiteJobRow.id == job.id, state=SiteState.WAITING)
+        await stages.gate_stages(session, plate, now)
+        return 1
 
     async def _channel_counts(self, session: AsyncSession, site_ids: Sequence[int]) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -1426,7 +1530,8 @@ class CatalogStore:
                     and total > 0
                     and unsettled == 0
                     and run.generation > 0
-                    and run.reduced_generation >= run.generation
+                    # A plate stage has no report: its files are the plate's artifacts.
+                    and (pipeline.scope == int(Scope.PLATE) or run.reduced_generation >= run.generation)
                 ),
             )
 
@@ -1452,8 +1557,10 @@ class CatalogStore:
                 await session.scalars(
                     select(RunRow.id)
                     .join(PlateRow, PlateRow.id == RunRow.plate_id)
+                    .join(PipelineRow, PipelineRow.id == RunRow.pipeline_id)
                     .where(
                         PlateRow.sites_known.is_(True),
+                        PipelineRow.scope != int(Scope.PLATE),
                         RunRow.generation > RunRow.reduced_generation,
                         RunRow.generation > RunRow.reduce_queued_generation,
                         open_claim,
@@ -1687,8 +1794,22 @@ def _check_channels(channels: Sequence[str]) -> list[str]:
     return list(channels)
 
 
-def _check_pipeline_fits(pipeline: PipelineRow, channels: Sequence[str], plate: str) -> None:
+def _check_pipeline_fits(
+    pipeline: PipelineRow, channels: Sequence[str], plate: str, after_stage: PipelineRow | None = None
+) -> None:
+    """Every image name the pipeline assigns is a channel of the plate, or,
+    for a stage after a plate stage, may be one of that stage's files (an
+    illumination function): which file is checked when the site runs."""
+    if pipeline.stage_inputs and after_stage is None:
+        raise InvalidArgument(
+            f"pipeline {_pipeline_label(pipeline)} reads {', '.join(pipeline.stage_inputs)} from an earlier "
+            f"plate stage, and plate {plate} runs no plate-scope stage before it: create the plate with "
+            "the plate stage and add this pipeline after it (AddPlatePipeline), or register it with the "
+            "files attached"
+        )
     missing = [n for n in pipeline.image_names if n not in channels]
+    if missing and after_stage is not None and pipeline.scope != int(Scope.PLATE):
+        return
     if missing:
         names = _quoted(missing)
         raise InvalidArgument(
@@ -1844,22 +1965,8 @@ def _job_row(run_id: int, site_id: int, state: SiteState, ready_at: datetime | N
 
 
 async def _reset_jobs(session: AsyncSession, now: datetime, *where: Any) -> None:
-    """Puts the matching jobs back to READY. Results they had stay registered
-    as past results: their objects are never swept, and a report made from
-    them stays readable."""
-    for job in await session.scalars(select(SiteJobRow).where(*where).with_for_update()):
-        if job.results:
-            job.past_results = [*(job.past_results or []), *job.results]
-        job.state = int(SiteState.READY)
-        job.ready_at = now
-        job.claimed_by = None
-        job.claim_expires_at = None
-        job.execution_id = None
-        job.failure_class = int(FailureClass.UNSPECIFIED)
-        job.failure_reason = None
-        job.finished_at = None
-        job.results = None
-        job.provenance = None
+    """Puts the matching jobs back to READY (see stages.reset_jobs)."""
+    await stages.reset_jobs(session, now, *where)
 
 
 def _pipeline_info(row: PipelineRow) -> PipelineInfo:
@@ -1874,7 +1981,18 @@ def _pipeline_info(row: PipelineRow) -> PipelineInfo:
         created_at=row.created_at,
         attachments=_input_files(row.attachments),
         content_sha256=row.content_sha256 or "",
+        stage_inputs=list(row.stage_inputs or []),
+        scope=Scope(row.scope or Scope.SITE),
+        scope_reasons=list(row.scope_reasons or []),
     )
+
+
+def _claim_inputs(attachments: list[dict[str, Any]] | None, artifacts: list[ResultFile]) -> list[InputFile]:
+    """A claim's input files: the pipeline's attachments, then the earlier plate
+    stages' artifacts; an attachment wins over an artifact of the same name."""
+    files = _input_files(attachments)
+    names = {f.name for f in files}
+    return files + [InputFile(f.name, f.key, f.size, f.sha256) for f in artifacts if f.name not in names]
 
 
 def _input_file_json(f: InputFile) -> dict[str, Any]:
@@ -1913,7 +2031,9 @@ def _provenance_json(p: Provenance) -> dict[str, Any]:
     }
 
 
-def _job_info(job: SiteJobRow, site: SiteKey, sha: str, with_results: bool) -> SiteJobInfo:
+def _job_info(
+    job: SiteJobRow, site: SiteKey, sha: str, with_results: bool, scope: Scope = Scope.SITE
+) -> SiteJobInfo:
     results = [ResultFile(**r) for r in (job.results or [])] if with_results else []
     provenance = Provenance(**job.provenance) if with_results and job.provenance else None
     return SiteJobInfo(
@@ -1931,6 +2051,7 @@ def _job_info(job: SiteJobRow, site: SiteKey, sha: str, with_results: bool) -> S
         results=results,
         provenance=provenance,
         execution_id=job.execution_id or "",
+        scope=scope,
     )
 
 

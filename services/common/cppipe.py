@@ -37,15 +37,22 @@ HEADER_START = "CellProfiler Pipeline:"
 MAX_PIPELINE_BYTES = 4 * 1024 * 1024
 SUPPORTED_VERSIONS = range(3, 7)
 
-#: Modules that work across all image sets of a run, with what to do instead.
+#: Modules that work across all image sets of a run and that cellmesh cannot
+#: run, with what to do instead.
 ACROSS_IMAGE_SETS = {
-    "CalculateStatistics": "remove it; cellmesh's plate report aggregates the plate",
     "CreateBatchFiles": "remove it; cellmesh already runs each site as its own batch",
     "LoadData": "load images with NamesAndTypes; cellmesh hands each site's images to CellProfiler",
     "ExportToDatabase": "export with ExportToSpreadsheet; cellmesh gathers the tables into plate reports",
-    "MakeProjection": "project the stack before registering it, or register each plane as a channel",
-    "TrackObjects": "track objects outside cellmesh; each site runs alone",
 }
+#: Modules that work across all image sets of a run: a pipeline with one of
+#: them runs once per plate (a plate-scope stage), over every site.
+PLATE_MODULES = {
+    "CalculateStatistics": "computes statistics over all image sets",
+    "MakeProjection": "projects the images of all image sets",
+    "TrackObjects": "tracks objects across image sets",
+}
+SCOPE_SITE = "site"
+SCOPE_PLATE = "plate"
 ACROSS_REASON = "runs across all image sets; cellmesh runs one site at a time"
 
 IMAGE = "Image"
@@ -117,7 +124,10 @@ class Pipeline:
     object_names: tuple[str, ...]
     exports: tuple[ExportFile, ...]
     problems: tuple[str, ...] = field(default=())
-    """Why the pipeline cannot run one site at a time (empty if it can)."""
+    """Why cellmesh cannot run the pipeline (empty if it can)."""
+    plate_reasons: tuple[str, ...] = field(default=())
+    """Why the pipeline must run over a whole plate at once (its modules that
+    work across image sets); empty if it can run one site at a time."""
     source: str = field(default="", repr=False, compare=False)
     """The text as read, for `check_safe` (which reads it the way CellProfiler does)."""
     utf8: bool = True
@@ -209,6 +219,24 @@ def parse(content: bytes | str) -> Pipeline:
     return replace(_analyse(version, tuple(modules)), source=text, utf8=utf8)
 
 
+def decide_scope(pipeline: Pipeline, asked: str = "") -> tuple[str, list[str]]:
+    """(scope, why): SCOPE_PLATE when the pipeline has modules that work
+    across image sets or the user asks for it, SCOPE_SITE otherwise. Asking
+    for SCOPE_SITE for a pipeline that needs the plate raises PipelineError."""
+    reasons = list(pipeline.plate_reasons)
+    if asked == SCOPE_SITE and reasons:
+        raise PipelineError(
+            "the pipeline cannot run one site at a time: "
+            + "; ".join(reasons)
+            + "; register it with scope PLATE (or leave the scope unset)"
+        )
+    if reasons:
+        return SCOPE_PLATE, reasons
+    if asked == SCOPE_PLATE:
+        return SCOPE_PLATE, ["asked for at registration"]
+    return SCOPE_SITE, []
+
+
 def check_runs_per_site(pipeline: Pipeline) -> None:
     """Raises PipelineError naming every module that stops the pipeline from
     running one site at a time, and what to do about it."""
@@ -288,6 +316,7 @@ def _used(value: str | None) -> bool:
 
 def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
     problems: list[str] = []
+    plate_reasons: list[str] = []
     image_names: list[str] = []
     object_names: list[str] = []
     exports: list[ExportFile] = []
@@ -295,13 +324,13 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
     for module in enabled:
         if module.name in ACROSS_IMAGE_SETS:
             problems.append(f"{module.title} {ACROSS_REASON}: {ACROSS_IMAGE_SETS[module.name]}")
+        elif module.name in PLATE_MODULES:
+            plate_reasons.append(f"{module.title} {PLATE_MODULES[module.name]}")
         elif module.name == "CorrectIlluminationCalculate":
             how = module.get("Calculate function for each image individually, or based on all images?") or ""
             if how.strip().lower().startswith("all"):
-                problems.append(
-                    f"{module.title} {ACROSS_REASON} (it calculates the illumination function from "
-                    f"'{how}'): calculate it once in another pipeline and register it as a channel, "
-                    "or choose 'Each'"
+                plate_reasons.append(
+                    f"{module.title} calculates its illumination function from all images ('{how}')"
                 )
         if module.name == "NamesAndTypes":
             images, objects = _names_and_types(module)
@@ -338,6 +367,7 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
         object_names=tuple(objects),
         exports=tuple(exports),
         problems=tuple(problems),
+        plate_reasons=tuple(plate_reasons),
     )
 
 
@@ -1442,7 +1472,7 @@ def input_file_problems(pipeline: Pipeline, input_files: Collection[str]) -> lis
             if files and assignment.image_type != "Illumination function" and not _only_attachments(rule):
                 problems.append(
                     f"{title} assigns {assignment.image_name} to files matching "
-                    f"'{assignment.rule_text}', which the attachment {files[0]} matches too: CellProfiler "
+                    f"'{assignment.rule_text}', which the input file {files[0]} matches too: CellProfiler "
                     f"would take it for a {assignment.image_name} image besides the channel's; rename the "
                     'attachment, or narrow the rule (e.g. file does eq "<its name>")'
                 )
@@ -1468,6 +1498,17 @@ def input_file_problems(pipeline: Pipeline, input_files: Collection[str]) -> lis
                         "under a name the rule matches" + (f", e.g. --attach {example}" if example else "")
                     )
     passes = _images_filter(pipeline)
+    for module in pipeline.modules:
+        if module.enabled and module.name == "NamesAndTypes":
+            if (module.get("Assign a name to") or "").strip().lower().startswith("all"):
+                taken = [n for n in sorted(names) if passes is None or rule_matches(passes, n) is not False]
+                if taken:
+                    problems.append(
+                        f"`NamesAndTypes` (module {module.number}) assigns one name to all images, and "
+                        f"the Images module's filter lets the input file {taken[0]} through: CellProfiler "
+                        "would take it for an image; filter it out in the Images module (e.g. 'Images "
+                        "only'), or assign names by rules"
+                    )
     if passes is not None:
         for name in sorted(names):
             if rule_matches(passes, name) is False and any(

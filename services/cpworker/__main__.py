@@ -52,6 +52,9 @@ VARS = (
     Var("CP_SLOTS", "1", positive_int, "CellProfiler processes in this worker"),
     Var("CP_RECYCLE_AFTER", "200", positive_int, "sites before a warm CellProfiler is replaced"),
     Var("SITE_TIMEOUT_S", "600", positive_float, "time limit of one site"),
+    Var(
+        "STAGE_TIMEOUT_S", "21600", positive_float, "time limit of one plate-scope stage (all sites at once)"
+    ),
     Var("TRANSIENT_BUDGET_S", "120", positive_float, "how long object store outages are retried in place"),
     Var(
         "ACK_EARLY_AFTER_S",
@@ -93,6 +96,7 @@ async def main(v: dict[str, Any]) -> None:
                 work / "sites",
                 v["SITE_TIMEOUT_S"],
                 v["TRANSIENT_BUDGET_S"],
+                stage_timeout=v["STAGE_TIMEOUT_S"],
             ),
             runners,
             v["AMQP_URL"],

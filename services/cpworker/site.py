@@ -95,7 +95,19 @@ def result_prefix(claim: catalog_pb2.SiteClaim, execution: str) -> str:
     object; only files registered in the catalog count, and the others are
     swept (see services/catalog/sweep.py)."""
     s = claim.site
-    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/a{claim.attempt}-{execution}"
+    run = f"a{claim.attempt}-{execution}"
+    if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE:
+        return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/plate/{run}"
+    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/{run}"
+
+
+def input_file_path(in_dir: Path, name: str) -> Path:
+    """Where an input file (an attachment, a plate artifact) goes: its name,
+    a relative path inside the Default Input Folder."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"input file name {name!r} is not a relative path inside the input folder")
+    return in_dir.joinpath(*parts)
 
 
 def safe_file_name(image: catalog_pb2.Image) -> str:
@@ -201,7 +213,7 @@ class InputFileCache:
     async def place(self, item: catalog_pb2.InputFile, folder: Path) -> Path:
         """The input file at `folder`/its name."""
         cached = await self.get(item.object)
-        target = folder / item.name
+        target = input_file_path(folder, item.name)
         await asyncio.to_thread(_link_or_copy, cached, target)
         return target
 
@@ -227,15 +239,6 @@ def input_file_problem(claim: catalog_pb2.SiteClaim, image_names: list[str]) -> 
     return None
 
 
-def bound_input_files(pipeline: Path, names: list[str]) -> list[str]:
-    """The input files the pipeline's NamesAndTypes assigns image names to (an
-    illumination function): CellProfiler gets them with the channel images."""
-    if not names:
-        return []
-    parsed = cppipe.parse(pipeline.read_bytes())
-    return sorted({n for files in cppipe.bound_images(parsed, names).values() for n in files})
-
-
 class SiteProcessor:
     """Everything between taking a site task and reporting its outcome."""
 
@@ -248,6 +251,7 @@ class SiteProcessor:
         work_root: Path,
         site_timeout: float,
         transient_budget: float = 120.0,
+        stage_timeout: float = 21600.0,
         inputs: InputFileCache | None = None,
     ) -> None:
         self.store = store
@@ -256,6 +260,7 @@ class SiteProcessor:
         self.worker_id = worker_id
         self.work_root = work_root
         self.site_timeout = site_timeout
+        self.stage_timeout = stage_timeout
         self.transient_budget = transient_budget
         self.inputs = inputs or InputFileCache(store, pipelines.folder / "inputs")
 
@@ -299,6 +304,10 @@ class SiteProcessor:
         out_dir.mkdir()
         t0 = time.perf_counter()
         files = [in_dir / safe_file_name(image) for image in claim.images]
+        try:
+            extra = [(f, input_file_path(in_dir, f.name)) for f in claim.input_files]
+        except ValueError as exc:
+            return Failure(FC.FAILURE_CLASS_BAD_TASK, str(exc))
         problem = input_file_problem(claim, [f.name for f in files])
         if problem:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
@@ -310,6 +319,7 @@ class SiteProcessor:
                 )
                 for image, path in zip(claim.images, files, strict=True)
             ]
+            # Input files come from the worker's cache (by SHA-256), linked in.
             inputs = [
                 self._s3(f"download input file {item.name}", partial(self.inputs.place, item, in_dir))
                 for item in claim.input_files
@@ -328,20 +338,20 @@ class SiteProcessor:
         problem = await asyncio.to_thread(check_images, files)
         if problem:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
-        try:
-            bound = await asyncio.to_thread(
-                bound_input_files, Path(str(pipeline)), [i.name for i in claim.input_files]
-            )
-        except cppipe.PipelineError as exc:
-            return Failure(FC.FAILURE_CLASS_CP_PROBLEM, f"the pipeline cannot be read: {exc}")
-        files += [in_dir / name for name in bound]
         download_s = time.perf_counter() - t0
 
         phase.name = "waiting for CellProfiler"
         runner = await runners.get()
         try:
             phase.name = "running"
-            result = await runner.run_site(Path(str(pipeline)), files, out_dir, self.site_timeout)
+            timeout = (
+                self.stage_timeout if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE else self.site_timeout
+            )
+            # CellProfiler's file list is the whole input folder, as with
+            # `cellprofiler -i FOLDER`: the pipeline's own rules pick its
+            # illumination functions and other files from it.
+            listed = files + [path for _f, path in extra]
+            result = await runner.run_site(Path(str(pipeline)), listed, out_dir, timeout)
         finally:
             runners.put_nowait(runner)
         if not result.ok:

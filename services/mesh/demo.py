@@ -24,7 +24,7 @@ from services.common.amqp import AmqpConnection, BrokerUnavailable, Topology
 from services.common.s3 import ObjectStore
 from services.common.settings import S3Settings
 from services.mesh import microscope
-from services.mesh.procs import ProcessGroup, free_port, port_open
+from services.mesh.procs import Proc, ProcessGroup, free_port, port_open
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class DemoOptions:
     # listens on s3_port, the services use service_s3_endpoint.
     s3_port: int = 0
     service_s3_endpoint: str = ""
+    # The address every service listens on and is reached at (tests put
+    # workers in network namespaces that reach the mesh over a veth pair).
+    host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,6 +89,7 @@ class Mesh:
     s3: S3Settings
     topology: Topology
     env: dict[str, str]
+    host: str = "127.0.0.1"
 
 
 def _amqp_host_port(url: str) -> tuple[str, int]:
@@ -106,7 +110,8 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     options.run_dir.mkdir(parents=True, exist_ok=True)
     procs = ProcessGroup(options.run_dir / "logs")
     s3_port = options.s3_port or free_port()
-    s3 = S3Settings(f"http://127.0.0.1:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
+    host = options.host
+    s3 = S3Settings(f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
     topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}", retry_delays=(2, 10, 30))
     database_url = options.database_url or f"sqlite+aiosqlite:///{options.run_dir / 'catalog.db'}"
     env = {
@@ -119,14 +124,16 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         "AMQP_URL": options.amqp_url,
         "QUEUE_PREFIX": topology.prefix,
         "RETRY_DELAYS_S": ",".join(str(d) for d in topology.retry_delays),
-        "GRPC_HOST": "127.0.0.1",
+        "GRPC_HOST": host,
         **options.extra_env,
     }
-    mesh = Mesh(procs, "", "", s3, topology, env)
+    mesh = Mesh(procs, "", "", s3, topology, env, host)
     try:
-        s3_proc = procs.start("s3", "services.common.s3server", {}, args=("--port", str(s3_port)))
+        s3_proc = procs.start(
+            "s3", "services.common.s3server", {}, args=("--host", host, "--port", str(s3_port))
+        )
         deadline = time.monotonic() + 20
-        while not port_open("127.0.0.1", s3_port):
+        while not port_open(host, s3_port):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the S3 server did not start:\n{s3_proc.log_tail()}")
             await asyncio.sleep(0.1)
@@ -139,6 +146,7 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
             "services.catalog",
             {**env, "DATABASE_URL": database_url, "GRPC_PORT": str(catalog_port)},
             catalog_port,
+            host=host,
         )
         await procs.wait_healthy(catalog)
         mesh.catalog_addr = catalog.grpc_addr
@@ -150,13 +158,18 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
                 "services.scheduler",
                 {**with_catalog, "GRPC_PORT": str(scheduler_port), "POLL_INTERVAL_S": "0.3"},
                 scheduler_port,
+                host=host,
             )
         )
         for i in range(workers if workers is not None else options.workers):
             await start_worker(mesh, options, i)
         reducer_port = free_port()
         reducer = procs.start(
-            "reducer", "services.reducer", {**with_catalog, "GRPC_PORT": str(reducer_port)}, reducer_port
+            "reducer",
+            "services.reducer",
+            {**with_catalog, "GRPC_PORT": str(reducer_port)},
+            reducer_port,
+            host=host,
         )
         await procs.wait_healthy(reducer)
         mesh.reducer_addr = reducer.grpc_addr
@@ -166,7 +179,16 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     return mesh
 
 
-async def start_worker(mesh: Mesh, options: DemoOptions, index: int) -> None:
+async def start_worker(
+    mesh: Mesh,
+    options: DemoOptions,
+    index: int,
+    env: dict[str, str] | None = None,
+    host: str | None = None,
+    launcher: tuple[str, ...] = (),
+) -> Proc:
+    """Starts worker `cpworker-<index>`; `env` overrides the mesh's settings,
+    `host` and `launcher` place it elsewhere (a network namespace)."""
     port = free_port()
     proc = mesh.procs.start(
         f"cpworker-{index}",
@@ -178,10 +200,15 @@ async def start_worker(mesh: Mesh, options: DemoOptions, index: int) -> None:
             "CP_PYTHON": options.cp_python,
             "CP_MODE": options.mode,
             "WORK_DIR": str(options.run_dir / "work" / f"cpworker-{index}"),
+            **({"GRPC_HOST": host} if host else {}),
+            **(env or {}),
         },
         port,
+        host=host or mesh.host,
+        launcher=launcher,
     )
     await mesh.procs.wait_healthy(proc, timeout=180)
+    return proc
 
 
 async def stop_mesh(mesh: Mesh) -> None:

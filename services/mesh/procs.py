@@ -88,11 +88,16 @@ class ProcessGroup:
         env: dict[str, str],
         grpc_port: int | None = None,
         args: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        launcher: tuple[str, ...] = (),
     ) -> Proc:
-        argv = [sys.executable, "-m", module, *args]
+        """Starts `python -m module args` (after `launcher`, e.g. `ip netns
+        exec NS`, which must exec the command in place) whose gRPC server
+        listens on host:grpc_port."""
+        argv = [*launcher, sys.executable, "-m", module, *args]
         proc = Proc(name, argv, {**self.base_env, **env}, self.log_dir / f"{name}.log")
         if grpc_port is not None:
-            proc.grpc_addr = f"127.0.0.1:{grpc_port}"
+            proc.grpc_addr = f"{host}:{grpc_port}"
         proc.start()
         self.procs.append(proc)
         return proc

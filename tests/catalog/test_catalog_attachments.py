@@ -199,3 +199,54 @@ async def test_a_pipeline_that_only_saves_images_is_accepted(catalog: Catalog) -
     await ready_sites(catalog.stub, "P3", 1)
     (claim,) = await claim_all(catalog.stub)
     assert list(claim.expected_tables) == []
+
+
+async def test_files_from_an_earlier_plate_stage_are_declared(catalog: Catalog) -> None:
+    """A site pipeline that reads the illumination function a plate stage
+    writes names it in stage_inputs; it never runs as a plate's first stage."""
+    base = pipeline(images=("DNA",), note="analysis").decode()
+    start, end = base.index("NamesAndTypes:"), base.index("Groups:")
+    nat = "NamesAndTypes:" + base[start + len("NamesAndTypes:") :].split("\n", 1)[0] + "\n"
+    nat += (
+        "".join(f"    {k}:{v}\n" for k, v in ILLUM_NAT[1])
+        .replace(
+            'and (file does startwith "illum") (file does endwith ".npy")',
+            'and (file does eq "IllumDNA.npy")',
+        )
+        .replace('and (file does contain "DNA")\n', 'and (file does contain "DNA") (extension does istif)\n')
+    )
+    content = (base[:start] + nat + "\n" + base[end:]).encode()
+    content = content.replace(
+        b"Filter images?:Images only",
+        b'Filter images?:Custom\n    Select the rule criteria:or (extension does isimage) (file does endwith ".npy")',
+    )
+    with refused(INVALID, "assigns IllumDNA to an illumination function"):
+        await register(catalog, content)
+    reply = await catalog.stub.RegisterPipeline(
+        catalog_pb2.RegisterPipelineRequest(name="analysis", content=content, stage_inputs=["IllumDNA.npy"])
+    )
+    analysis = reply.pipeline
+    assert list(analysis.stage_inputs) == ["IllumDNA.npy"] and list(analysis.image_names) == ["DNA"]
+    assert analysis.ref.sha256 == sha(content)  # not part of the identity
+    with refused(
+        INVALID, "reads IllumDNA.npy from an earlier plate stage", "runs no plate-scope stage before it"
+    ):
+        await catalog.stub.CreatePlate(
+            catalog_pb2.CreatePlateRequest(name="S1", channels=["DNA"], pipeline_sha256=analysis.ref.sha256)
+        )
+    stage = (
+        await catalog.stub.RegisterPipeline(
+            catalog_pb2.RegisterPipelineRequest(
+                name="illum",
+                content=pipeline(images=("DNA",), note="illum"),
+                scope=types_pb2.PIPELINE_SCOPE_PLATE,
+            )
+        )
+    ).pipeline
+    await catalog.stub.CreatePlate(
+        catalog_pb2.CreatePlateRequest(name="S1", channels=["DNA"], pipeline_sha256=stage.ref.sha256)
+    )
+    added = await catalog.stub.AddPlatePipeline(
+        catalog_pb2.AddPlatePipelineRequest(plate="S1", pipeline_sha256=analysis.ref.sha256)
+    )
+    assert list(added.plate.pipeline_sha256) == [stage.ref.sha256, analysis.ref.sha256]

@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
+from cellmesh.common.v1 import types_pb2
 
 from tests.catalog.conftest import Catalog
 from tests.catalog.kit import pipeline, refused, register_pipeline, sha
@@ -39,19 +40,31 @@ async def test_example_human_is_accepted_and_stored(catalog: Catalog, shared_dat
     assert got.pipeline == p
 
 
-async def test_example_sbs_is_refused_for_calculate_statistics(catalog: Catalog, shared_data: Path) -> None:
+async def test_example_sbs_is_a_plate_stage_for_calculate_statistics(
+    catalog: Catalog, shared_data: Path
+) -> None:
+    folder = shared_data / "bbbc013_translocation_plate"
+    # The plate map and illumination functions it reads, attached as its own files.
+    files = [
+        catalog_pb2.Attachment(name=n, content=(folder / "images" / n).read_bytes())
+        for n in ("1049_Metadata.csv", "Channel1ILLUM.mat", "Channel2ILLUM.mat")
+    ]
     for path in ("ExampleSBS.cppipe", "derived/ExampleSBS_cp4.cppipe"):
-        content = (shared_data / "bbbc013_translocation_plate" / path).read_bytes()
-        with refused(
-            INVALID, "CalculateStatistics", "runs across all image sets; cellmesh runs one site at a time"
-        ):
+        content = (folder / path).read_bytes()
+        with refused(INVALID, "--attach"):
             await register_pipeline(catalog.stub, content)
-    assert (await catalog.stub.ListPipelines(catalog_pb2.ListPipelinesRequest())).pipelines == []
+        reply = await catalog.stub.RegisterPipeline(
+            catalog_pb2.RegisterPipelineRequest(name="sbs", content=content, attachments=files)
+        )
+        registered = reply.pipeline
+        assert list(registered.image_names) == ["rawGFP", "rawDNA"]
+        assert registered.scope == types_pb2.PIPELINE_SCOPE_PLATE
+        assert list(registered.scope_reasons) == [
+            "CalculateStatistics (module 18) computes statistics over all image sets"
+        ]
 
 
-@pytest.mark.parametrize(
-    "module", ["CalculateStatistics", "CreateBatchFiles", "LoadData", "ExportToDatabase"]
-)
+@pytest.mark.parametrize("module", ["CreateBatchFiles", "LoadData", "ExportToDatabase"])
 async def test_modules_that_need_the_whole_plate_are_refused(catalog: Catalog, module: str) -> None:
     content = pipeline(extra=[(module, [("Some setting", "x")])])
     with refused(INVALID, module, "runs across all image sets; cellmesh runs one site at a time"):

@@ -112,27 +112,40 @@ def test_example_percent_positive(shared_data: Path) -> None:
 
 
 @pytest.mark.parametrize("path", ["ExampleSBS.cppipe", "derived/ExampleSBS_cp4.cppipe"])
-def test_example_sbs_is_refused(shared_data: Path, path: str) -> None:
+def test_example_sbs_runs_per_plate(shared_data: Path, path: str) -> None:
     content = (shared_data / "bbbc013_translocation_plate" / path).read_bytes()
     p = cppipe.parse(content)
     # Format 3 escapes are read: the v3 file and its CellProfiler 4 copy agree.
     assert p.image_names == ("rawGFP", "rawDNA", "IllumDNA", "IllumGFP")
     assert p.tables == ["Image", "Nuclei", "PropCells", "DistanceCells", "DistCytoplasm"]
     assert p.object_names == ("Nuclei", "PropCells", "DistanceCells", "DistCytoplasm", "PropCytoplasm")
-    with pytest.raises(PipelineError) as refused:
-        cppipe.check_runs_per_site(p)
-    message = str(refused.value)
-    assert message.startswith(
-        "CalculateStatistics (module 18) runs across all image sets; cellmesh runs one site at a time"
+    cppipe.check_runs_per_site(p)
+    assert cppipe.decide_scope(p) == (
+        cppipe.SCOPE_PLATE,
+        ["CalculateStatistics (module 18) computes statistics over all image sets"],
     )
-
-
-def test_example_sbs_illumination_is_refused(shared_data: Path) -> None:
-    content = (shared_data / "bbbc013_translocation_plate" / "ExampleSBSIllumination.cppipe").read_bytes()
     with pytest.raises(
-        PipelineError, match=r"CorrectIlluminationCalculate \(module 5\) runs across all image sets"
+        PipelineError, match=r"cannot run one site at a time: CalculateStatistics \(module 18\)"
     ):
-        cppipe.parse_for_sites(content)
+        cppipe.decide_scope(p, cppipe.SCOPE_SITE)
+
+
+def test_example_sbs_illumination_runs_per_plate(shared_data: Path) -> None:
+    content = (shared_data / "bbbc013_translocation_plate" / "ExampleSBSIllumination.cppipe").read_bytes()
+    scope, why = cppipe.decide_scope(cppipe.parse(content))
+    assert scope == cppipe.SCOPE_PLATE
+    assert why == [
+        "CorrectIlluminationCalculate (module 5) calculates its illumination function from all images "
+        "('All: Across cycles')",
+        "CorrectIlluminationCalculate (module 6) calculates its illumination function from all images "
+        "('All: Across cycles')",
+    ]
+
+
+def test_a_site_pipeline_runs_per_plate_when_asked() -> None:
+    p = cppipe.parse((REPO / "examples" / "pipelines" / "nuclei.cppipe").read_bytes())
+    assert cppipe.decide_scope(p) == (cppipe.SCOPE_SITE, [])
+    assert cppipe.decide_scope(p, cppipe.SCOPE_PLATE) == (cppipe.SCOPE_PLATE, ["asked for at registration"])
 
 
 def test_every_project_example_is_runnable() -> None:
@@ -257,12 +270,9 @@ def test_format_3_escapes() -> None:
 @pytest.mark.parametrize(
     ("module", "hint"),
     [
-        ("CalculateStatistics", "plate report"),
         ("CreateBatchFiles", "own batch"),
         ("LoadData", "NamesAndTypes"),
         ("ExportToDatabase", "ExportToSpreadsheet"),
-        ("MakeProjection", "project the stack"),
-        ("TrackObjects", "each site runs alone"),
     ],
 )
 def test_modules_that_run_across_image_sets(module: str, hint: str) -> None:
@@ -272,6 +282,19 @@ def test_modules_that_run_across_image_sets(module: str, hint: str) -> None:
         refused.value
     )
     assert hint in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("module", "why"),
+    [
+        ("CalculateStatistics", "computes statistics over all image sets"),
+        ("MakeProjection", "projects the images of all image sets"),
+        ("TrackObjects", "tracks objects across image sets"),
+    ],
+)
+def test_modules_that_work_across_image_sets_make_a_plate_stage(module: str, why: str) -> None:
+    p = cppipe.parse_for_sites(text(NAT, PRIMARY, (module, [("x", "y")]), export()))
+    assert cppipe.decide_scope(p) == (cppipe.SCOPE_PLATE, [f"{module} (module 3) {why}"])
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def test_the_images_filter_must_pass_an_assigned_attachment() -> None:
 def test_an_attachment_a_channel_rule_matches_is_refused() -> None:
     found = problems(text(IMAGES, NAT, export()), ("illum_1.npy", "DNA_background.npy"))
     assert len(found) == 1
-    assert "assigns DNA to files matching 'and (file does contain \"DNA\")', which the attachment" in found[0]
+    assert "assigns DNA to files matching 'and (file does contain \"DNA\")', which the input file" in found[0]
     assert "DNA_background.npy matches too" in found[0]
 
 
@@ -202,3 +202,12 @@ def test_a_pipeline_that_only_saves_images_is_valid() -> None:
     assert p.tables == [] and p.table_files == []
     with pytest.raises(PipelineError, match="the pipeline writes no files"):
         cppipe.parse_for_sites(text(("NamesAndTypes", NAT[1][:4])))
+
+
+def test_all_images_with_an_input_file_that_passes_the_filter_is_refused() -> None:
+    nat = ("NamesAndTypes", [("Assign a name to", "All images"), ("Name to assign these images", "DNA")])
+    images = ("Images", [("Filter images?", "No filtering")])
+    found = problems(text(images, nat, export()), ("plate_map.csv",))
+    assert len(found) == 1 and "lets the input file plate_map.csv through" in found[0]
+    only = ("Images", [("Filter images?", "Images only")])
+    assert problems(text(only, nat, export()), ("plate_map.csv",)) == []

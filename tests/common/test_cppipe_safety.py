@@ -27,13 +27,20 @@ REAL_PIPELINES = {
     "examples/pipelines/bbbc013_nuclei.cppipe": "",
     "example_human/ExampleHuman.cppipe": "",
     "example_human/ExamplePercentPositive.cppipe": "",
-    "bbbc013_translocation_plate/ExampleSBS.cppipe": "CalculateStatistics (module 18) runs across all image sets",
+    # Per plate (CalculateStatistics), see test_cppipe.py; they read files
+    # that must be attached (ATTACHED).
+    "bbbc013_translocation_plate/ExampleSBS.cppipe": "`NamesAndTypes` (module 3) assigns IllumDNA",
     "bbbc013_translocation_plate/derived/ExampleSBS_cp4.cppipe": (
-        "CalculateStatistics (module 18) runs across all image sets"
+        "`Metadata` (module 2) setting 'Metadata file name' imports 1049_Metadata.csv"
     ),
-    "bbbc013_translocation_plate/ExampleSBSIllumination.cppipe": (
-        "CorrectIlluminationCalculate (module 5) runs across all image sets"
-    ),
+    # It only saves images (its illumination functions): valid.
+    "bbbc013_translocation_plate/ExampleSBSIllumination.cppipe": "",
+}
+#: The files those pipelines read, by the names they read them under.
+SBS_FILES = ("1049_Metadata.csv", "Channel1ILLUM.mat", "Channel2ILLUM.mat")
+ATTACHED = {
+    "bbbc013_translocation_plate/ExampleSBS.cppipe": SBS_FILES,
+    "bbbc013_translocation_plate/derived/ExampleSBS_cp4.cppipe": SBS_FILES,
 }
 
 
@@ -123,6 +130,8 @@ def test_every_real_pipeline_passes_the_new_checks(shared_data: Path) -> None:
         expected_problems = list(pipeline.problems) + cppipe.input_file_problems(pipeline, ())
         assert str(refused.value) == "; ".join(expected_problems), name
         assert str(refused.value).startswith(expected), name
+        attached = cppipe.parse_for_sites(path.read_bytes(), input_files=ATTACHED[name])
+        assert attached.image_names == ("rawGFP", "rawDNA"), name
 
 
 def test_the_allow_list_is_cellprofiler_4_2s_modules() -> None:
@@ -454,11 +463,11 @@ def test_a_header_cellprofiler_cannot_read_is_refused() -> None:
 
 
 def test_parse_for_sites_gives_both_kinds_of_problem_at_once() -> None:
-    text = nuclei(IMAGEJ, block("CalculateStatistics", [("x", "y")], n=9))
+    text = nuclei(IMAGEJ, block("CreateBatchFiles", [("x", "y")], n=9))
     with pytest.raises(PipelineError) as refused:
         cppipe.parse_for_sites(text)
     message = str(refused.value)
     assert message.startswith("RunImageJMacro (module 8) runs external programs")
-    assert "; CalculateStatistics (module 9) runs across all image sets" in message
-    with pytest.raises(PipelineError, match=r"^CalculateStatistics \(module 9\)"):
+    assert "; CreateBatchFiles (module 9) runs across all image sets" in message
+    with pytest.raises(PipelineError, match=r"^CreateBatchFiles \(module 9\)"):
         cppipe.parse_for_sites(text, allow_modules=["RunImageJMacro"])

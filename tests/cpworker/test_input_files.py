@@ -12,8 +12,7 @@ from cellmesh.common.v1 import types_pb2
 
 from services.common.s3 import ChecksumMismatch, ObjectStore, sha256_bytes
 from services.common.settings import S3Settings
-from services.cpworker.site import InputFileCache, bound_input_files, input_file_problem
-from tests.e2e.test_attachments_and_images import reading_pipeline
+from services.cpworker.site import InputFileCache, input_file_problem
 
 
 def item(name: str, data: bytes, sha: str | None = None) -> catalog_pb2.InputFile:
@@ -50,10 +49,3 @@ def test_input_file_names_are_checked_against_the_site() -> None:
     assert "has the name of another input" in (input_file_problem(claim, ["plate_map.csv"]) or "")
     bad = catalog_pb2.SiteClaim(input_files=[item("../escape.csv", b"x")])
     assert "must be a path relative to the Default Input Folder" in (input_file_problem(bad, []) or "")
-
-
-def test_only_the_files_names_and_types_assigns_go_to_cellprofiler(tmp_path: Path) -> None:
-    pipeline = tmp_path / "p.cppipe"
-    pipeline.write_bytes(reading_pipeline())
-    assert bound_input_files(pipeline, ["plate_map.csv", "illum.npy"]) == ["illum.npy"]
-    assert bound_input_files(pipeline, []) == []

@@ -21,7 +21,7 @@ from tests.conftest import free_port, wait_port
 class PrivateRabbit:
     """A RabbitMQ node of its own (≈5 s to start)."""
 
-    def __init__(self, consumer_timeout_ms: int | None = None) -> None:
+    def __init__(self, consumer_timeout_ms: int | None = None, host: str = "127.0.0.1") -> None:
         # The server runs as the rabbitmq user: its folders must be its own
         # (pytest's tmp_path is not reachable for it).
         base = Path(tempfile.mkdtemp(prefix="cellmesh-rabbit-"))
@@ -29,7 +29,8 @@ class PrivateRabbit:
         self.port = free_port()
         self.dist_port = free_port()
         self.node = f"cmtest{self.port}@localhost"
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.host = host
+        self.url = f"amqp://guest:guest@{host}:{self.port}/%2F"
         base.mkdir(parents=True, exist_ok=True)
         (base / "enabled_plugins").write_text("[].\n")
         conf = "loopback_users = none\n"
@@ -45,7 +46,7 @@ class PrivateRabbit:
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": host,
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_PID_FILE": str(base / "pid"),
@@ -63,7 +64,7 @@ class PrivateRabbit:
                 capture_output=True,
             )
             if done.returncode == 0:
-                wait_port("127.0.0.1", self.port, 30)
+                wait_port(self.host, self.port, 30)
                 return
             time.sleep(0.5)
         raise RuntimeError(f"private RabbitMQ node {self.node} did not start")

@@ -169,9 +169,13 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
     big = any(path.stat().st_size > MAX_INLINE_ATTACHMENT_BYTES for _, path in attachments)
     if big:
         async with ObjectStore(ObjectStoreConfig.from_env()) as store:
-            reply = await client.register_pipeline(Path(args.file), args.name, attachments, store)
+            reply = await client.register_pipeline(
+                Path(args.file), args.name, attachments, store, stage_inputs=args.from_stage or []
+            )
     else:
-        reply = await client.register_pipeline(Path(args.file), args.name, attachments)
+        reply = await client.register_pipeline(
+            Path(args.file), args.name, attachments, stage_inputs=args.from_stage or []
+        )
     p = reply.pipeline
     verb = "already registered" if reply.already_registered else "registered"
     print(f"{verb}: pipeline {p.name}", file=out)
@@ -181,6 +185,8 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
     print(f"  tables    {', '.join(p.tables) or '(none: the files it saves)'}", file=out)
     for a in p.attachments:
         print(f"  attached  {a.name} ({a.object.size} bytes, sha256 {a.object.sha256[:12]})", file=out)
+    for name in p.stage_inputs:
+        print(f"  from an earlier plate stage  {name}", file=out)
 
 
 async def cmd_pipeline_list(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -452,6 +458,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         help="a file the pipeline reads besides the channel images (illumination function, metadata "
         "CSV, model), found under its own name in the Default Input Folder; NAME=FILE puts it under "
         "NAME (e.g. illum/Channel1ILLUM.mat=./Channel1ILLUM.mat); repeat for each file",
+    )
+    p.add_argument(
+        "--from-stage",
+        action="append",
+        metavar="NAME",
+        help="a file the pipeline reads that an earlier plate-scope stage writes (e.g. IllumDNA.npy): "
+        "not attached, the pipeline then runs only after a plate stage; repeat for each file",
     )
     p.set_defaults(run=cmd_pipeline_register)
     p = pipeline_cmds.add_parser("list", help="list registered pipelines")

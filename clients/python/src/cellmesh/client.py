@@ -147,6 +147,7 @@ class CellmeshClient:
         name: str | None = None,
         attachments: Iterable[str | os.PathLike[str] | tuple[str, str | os.PathLike[str] | bytes]] = (),
         store: ObjectStore | None = None,
+        stage_inputs: Iterable[str] = (),
     ) -> catalog_pb2.RegisterPipelineResponse:
         """Registers a CellProfiler pipeline (a .cppipe path, or its bytes) and
         the files it reads besides the channel images.
@@ -173,7 +174,9 @@ class CellmeshClient:
             if name is None:
                 name = path.stem
         attached = [await self._attachment(item, store) for item in attachments]
-        request = catalog_pb2.RegisterPipelineRequest(name=name, content=content, attachments=attached)
+        request = catalog_pb2.RegisterPipelineRequest(
+            name=name, content=content, attachments=attached, stage_inputs=list(stage_inputs)
+        )
         return await _rpc(self._catalog.RegisterPipeline(request, timeout=self.timeout))
 
     async def _attachment(

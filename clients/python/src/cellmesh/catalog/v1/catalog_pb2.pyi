@@ -130,8 +130,13 @@ class Pipeline(_message.Message):
     TABLES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    STAGE_INPUTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_REASONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, from the first registration."""
+    scope: _types_pb2.PipelineScope.ValueType
+    """What one run covers: a site, or the whole plate."""
     @_builtins.property
     def ref(self) -> _types_pb2.PipelineRef:
         """Where it is stored and its identity."""
@@ -161,6 +166,19 @@ class Pipeline(_message.Message):
         them in its Default Input Folder under these names.
         """
 
+    @_builtins.property
+    def stage_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The files it reads that an earlier plate-scope stage of its plates writes
+        (RegisterPipelineRequest.stage_inputs): it never runs as a plate's first
+        stage.
+        """
+
+    @_builtins.property
+    def scope_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why the scope is what it is (the modules that work across image sets, or
+        "asked for at registration").
+        """
+
     def __init__(
         self,
         *,
@@ -171,10 +189,13 @@ class Pipeline(_message.Message):
         tables: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         attachments: _abc.Iterable[Global___InputFile] | None = ...,
+        stage_inputs: _abc.Iterable[_builtins.str] | None = ...,
+        scope: _types_pb2.PipelineScope.ValueType = ...,
+        scope_reasons: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "stage_inputs", b"stage_inputs", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,10 +280,20 @@ class RegisterPipelineRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    STAGE_INPUTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, e.g. "nuclei-v2"."""
     content: _builtins.bytes
     """The .cppipe file's bytes (at most 4 MiB)."""
+    scope: _types_pb2.PipelineScope.ValueType
+    """Unset: per plate if the pipeline has modules that work across image sets
+    (CorrectIlluminationCalculate with "All", CalculateStatistics,
+    MakeProjection, TrackObjects), per site otherwise. PLATE forces a
+    per-plate run; SITE is refused for a pipeline that needs the plate.
+    The scope is not part of the pipeline's identity: registering the same
+    content with another scope is refused.
+    """
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
         """The files the pipeline reads besides the channel images, at most 100.
@@ -271,16 +302,27 @@ class RegisterPipelineRequest(_message.Message):
         pipeline.
         """
 
+    @_builtins.property
+    def stage_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of files the pipeline reads that are not attached because an
+        earlier plate-scope stage of the plates that run it writes them (its
+        artifacts, e.g. "IllumDNA.npy"): registration takes them as given, and
+        CreatePlate and AddPlatePipeline refuse the pipeline where no plate stage
+        comes before it. Not part of the pipeline's identity.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         content: _builtins.bytes = ...,
         attachments: _abc.Iterable[Global___Attachment] | None = ...,
+        stage_inputs: _abc.Iterable[_builtins.str] | None = ...,
+        scope: _types_pb2.PipelineScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "content", b"content", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "content", b"content", "name", b"name", "scope", b"scope", "stage_inputs", b"stage_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,7 +522,11 @@ class Plate(_message.Message):
 
     @_builtins.property
     def pipeline_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The pipelines run on this plate (the first one given at creation)."""
+        """The pipelines run on this plate, in workflow order (the first one given
+        at creation). A site-scope stage's sites are released only once every
+        plate-scope stage before it is done, and find its files in their Default
+        Input Folder.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -983,10 +1029,16 @@ class SiteClaim(_message.Message):
     PIPELINE_FIELD_NUMBER: _builtins.int
     EXPECTED_TABLES_FIELD_NUMBER: _builtins.int
     INPUT_FILES_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
     """The attempt this task is for; the worker reports with it."""
+    scope: _types_pb2.PipelineScope.ValueType
+    """SITE: one site, `site` and its channel images. PLATE: a plate-scope
+    stage: `site` names the plate only (empty well) and `images` holds
+    every channel image of every site that is in.
+    """
     @_builtins.property
     def site(self) -> _types_pb2.SiteRef:
         """The site."""
@@ -1011,8 +1063,8 @@ class SiteClaim(_message.Message):
     @_builtins.property
     def input_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFile]:
         """Files placed in the run's Default Input Folder under `name` besides the
-        channel images: the pipeline's attachments, later also plate artifacts
-        of earlier stages. The worker checks each one's SHA-256.
+        channel images: the pipeline's attachments and the artifacts of the
+        plate-scope stages before this one. The worker checks each one's SHA-256.
         """
 
     def __init__(
@@ -1025,10 +1077,11 @@ class SiteClaim(_message.Message):
         pipeline: _types_pb2.PipelineRef | None = ...,
         expected_tables: _abc.Iterable[_builtins.str] | None = ...,
         input_files: _abc.Iterable[Global___InputFile] | None = ...,
+        scope: _types_pb2.PipelineScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "expected_tables", b"expected_tables", "images", b"images", "input_files", b"input_files", "pipeline", b"pipeline", "site", b"site", "site_job_id", b"site_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "expected_tables", b"expected_tables", "images", b"images", "input_files", b"input_files", "pipeline", b"pipeline", "scope", b"scope", "site", b"site", "site_job_id", b"site_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1579,6 +1632,7 @@ class SiteJob(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Its id."""
     pipeline_sha256: _builtins.str
@@ -1595,6 +1649,10 @@ class SiteJob(_message.Message):
     """The worker of the last attempt."""
     execution_id: _builtins.str
     """The execution that holds (or last held) the current attempt."""
+    scope: _types_pb2.PipelineScope.ValueType
+    """SITE for a site's job; PLATE for a plate-scope stage's one job, whose
+    `site` has the plate's name and an empty well.
+    """
     @_builtins.property
     def site(self) -> _types_pb2.SiteRef:
         """The site."""
@@ -1636,10 +1694,11 @@ class SiteJob(_message.Message):
         results: _abc.Iterable[Global___ResultFile] | None = ...,
         provenance: Global___Provenance | None = ...,
         execution_id: _builtins.str = ...,
+        scope: _types_pb2.PipelineScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "provenance", b"provenance", "ready_at", b"ready_at", "site", b"site", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "failure_class", b"failure_class", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "id", b"id", "pipeline_sha256", b"pipeline_sha256", "provenance", b"provenance", "ready_at", b"ready_at", "results", b"results", "site", b"site", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "failure_class", b"failure_class", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "id", b"id", "pipeline_sha256", b"pipeline_sha256", "provenance", b"provenance", "ready_at", b"ready_at", "results", b"results", "scope", b"scope", "site", b"site", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

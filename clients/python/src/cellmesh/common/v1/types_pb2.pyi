@@ -120,6 +120,36 @@ FAILURE_CLASS_BAD_TASK: FailureClass.ValueType  # 6
 """The task itself could not be read (malformed or unknown message)."""
 Global___FailureClass: _TypeAlias = FailureClass  # noqa: Y015
 
+class _PipelineScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PipelineScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PipelineScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PIPELINE_SCOPE_UNSPECIFIED: _PipelineScope.ValueType  # 0
+    """Not set: at registration, decided from the pipeline's modules."""
+    PIPELINE_SCOPE_SITE: _PipelineScope.ValueType  # 1
+    """One run per site, with that site's images (most analysis pipelines)."""
+    PIPELINE_SCOPE_PLATE: _PipelineScope.ValueType  # 2
+    """One run per plate over all its sites, once every site is in (e.g. an
+    illumination function calculated from all images); its output files are
+    the plate's artifacts, which later stages find in their Default Input Folder.
+    """
+
+class PipelineScope(_PipelineScope, metaclass=_PipelineScopeEnumTypeWrapper):
+    """What one run of a pipeline covers."""
+
+PIPELINE_SCOPE_UNSPECIFIED: PipelineScope.ValueType  # 0
+"""Not set: at registration, decided from the pipeline's modules."""
+PIPELINE_SCOPE_SITE: PipelineScope.ValueType  # 1
+"""One run per site, with that site's images (most analysis pipelines)."""
+PIPELINE_SCOPE_PLATE: PipelineScope.ValueType  # 2
+"""One run per plate over all its sites, once every site is in (e.g. an
+illumination function calculated from all images); its output files are
+the plate's artifacts, which later stages find in their Default Input Folder.
+"""
+Global___PipelineScope: _TypeAlias = PipelineScope  # noqa: Y015
+
 @_typing.final
 class SiteRef(_message.Message):
     """A site of a plate: one field of view of one well, imaged in every channel

@@ -1,8 +1,9 @@
-"""Pipelines carry the files they read (attachments) and the .cppipe's own
-SHA-256 when their identity is a manifest of it and its attachments.
+"""Pipelines carry the files they read (attachments), the .cppipe's own
+SHA-256 when their identity is a manifest of it and its attachments, and the
+names of the files they expect from an earlier plate stage.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-03 13:40:00
 """
 
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -23,9 +24,11 @@ def upgrade() -> None:
     with op.batch_alter_table("pipelines") as batch:
         batch.add_column(sa.Column("content_sha256", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("attachments", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("stage_inputs", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("pipelines") as batch:
+        batch.drop_column("stage_inputs")
         batch.drop_column("attachments")
         batch.drop_column("content_sha256")
