@@ -3,6 +3,7 @@ and returns. Nothing here knows about protobuf or SQL."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
@@ -92,6 +93,16 @@ class Decision(IntEnum):
 
 
 @dataclass(frozen=True)
+class InputFile:
+    """A file placed in a run's Default Input Folder under `name`."""
+
+    name: str
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class PipelineInfo:
     sha256: str
     key: str
@@ -101,6 +112,11 @@ class PipelineInfo:
     tables: list[str]
     table_files: list[str]
     created_at: datetime
+    attachments: list[InputFile] = field(default_factory=list)
+    content_sha256: str = ""
+    """The .cppipe's own SHA-256; empty when it is `sha256` (no attachments)."""
+    stage_inputs: list[str] = field(default_factory=list)
+    """Files it reads that an earlier plate stage writes (not attached)."""
     scope: Scope = Scope.SITE
     scope_reasons: list[str] = field(default_factory=list)
 
@@ -171,9 +187,11 @@ class SiteClaim:
     pipeline_sha256: str
     pipeline_key: str
     expected_tables: list[str]
+    pipeline_content_sha256: str = ""
     scope: Scope = Scope.SITE
-    input_files: list[ResultFile] = field(default_factory=list)
-    """Files for the Default Input Folder: `name` is the path there."""
+    input_files: list[InputFile] = field(default_factory=list)
+    """Files for the Default Input Folder (the pipeline's attachments, then
+    the artifacts of the plate stages before it): `name` is the path there."""
 
 
 @dataclass(frozen=True)
@@ -274,3 +292,25 @@ class Report:
     missing_sites: list[MissingSite]
     version: int = 0
     created_at: datetime | None = None
+
+
+PIPELINE_MANIFEST_HEADER = "cellmesh pipeline v1"
+
+
+def pipeline_sha256(content_sha256: str, attachments: list[InputFile]) -> str:
+    """A pipeline's identity. Without attachments, the .cppipe's own SHA-256
+    (so every pipeline registered before attachments keeps its SHA). With
+    attachments, the SHA-256 of this UTF-8 manifest, one line each, ending in
+    a newline, attachments sorted by name::
+
+        cellmesh pipeline v1
+        cppipe <the .cppipe's SHA-256>
+        attachment <its SHA-256> <its name>
+
+    The same .cppipe with other attachments, or the same files under other
+    names, is another pipeline."""
+    if not attachments:
+        return content_sha256
+    lines = [PIPELINE_MANIFEST_HEADER, f"cppipe {content_sha256}"]
+    lines += [f"attachment {a.sha256} {a.name}" for a in sorted(attachments, key=lambda a: a.name)]
+    return hashlib.sha256("".join(f"{line}\n" for line in lines).encode("utf-8")).hexdigest()

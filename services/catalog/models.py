@@ -1,6 +1,6 @@
 """The catalog's tables.
 
-    pipelines   one row per .cppipe content (its SHA-256 is its identity)
+    pipelines   one row per .cppipe content and attachments (their SHA-256 is its identity)
     plates      name, channels, optional layout, acquisition state
     runs        one per (plate, pipeline): results generation, reduce bookkeeping
     sites       one per (plate, well, site) the catalog knows of
@@ -67,6 +67,13 @@ class PipelineRow(Base):
     tables: Mapped[list[str]] = mapped_column(JSON)
     table_files: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime]
+    # The .cppipe's own SHA-256 when the pipeline has attachments (then
+    # `sha256` is the manifest's); NULL when it is `sha256`.
+    content_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The files it reads: [{"name", "key", "size", "sha256"}] by name; NULL: none.
+    attachments: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # Names of files it expects from an earlier plate stage; NULL: none.
+    stage_inputs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     # `domain.Scope`: one run per site, or one per plate (a plate stage).
     scope: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     scope_reasons: Mapped[list[str] | None] = mapped_column(JSON)

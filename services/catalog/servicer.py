@@ -10,6 +10,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -20,8 +21,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.catalog import domain as d
 from services.catalog.store import CatalogStore
-from services.common import cppipe
-from services.common.s3 import ObjectStore, ObjectStoreError, sha256_bytes
+from services.common import cppipe, validate
+from services.common.s3 import ChecksumMismatch, ObjectMissing, ObjectStore, ObjectStoreError, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,90 @@ _CODES: dict[type[d.CatalogError], grpc.StatusCode] = {
 
 
 def pipeline_key(sha256: str) -> str:
-    """Where a pipeline's .cppipe is stored in the object store."""
+    """Where a pipeline's .cppipe is stored in the object store (by the
+    .cppipe's own SHA-256)."""
     return f"pipelines/{sha256}.cppipe"
+
+
+def attachment_key(sha256: str) -> str:
+    """Where an attachment is stored: by its SHA-256, once for every pipeline."""
+    return f"attachments/{sha256}"
+
+
+MAX_ATTACHMENTS = 100
+MAX_INLINE_ATTACHMENT_BYTES = 4 * 1024 * 1024
+MAX_INLINE_ATTACHMENTS_BYTES = 32 * 1024 * 1024
+MAX_STORED_ATTACHMENT_BYTES = 256 * 1024 * 1024
+
+
+def _stage_inputs_in(names: Sequence[str], attached: Sequence[str]) -> list[str]:
+    """The names of files the pipeline expects from an earlier plate stage, checked."""
+    out: list[str] = []
+    for name in names:
+        why = cppipe.check_input_name(name)
+        if why:
+            raise d.InvalidArgument(why)
+        if name in attached or name in out:
+            raise d.InvalidArgument(f"stage input {name} is given twice (or is also attached)")
+        out.append(name)
+    if len(out) > MAX_ATTACHMENTS:
+        raise d.InvalidArgument(f"{len(out)} stage inputs; at most {MAX_ATTACHMENTS} are accepted")
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class _AttachmentIn:
+    name: str
+    content: bytes | None
+    ref: types_pb2.ObjectRef | None
+
+
+def _attachments_in(items: Sequence[catalog_pb2.Attachment]) -> list[_AttachmentIn]:
+    """The request's attachments, checked: names, sizes, no name twice."""
+    if len(items) > MAX_ATTACHMENTS:
+        raise d.InvalidArgument(f"{len(items)} attachments; at most {MAX_ATTACHMENTS} are accepted")
+    out: list[_AttachmentIn] = []
+    seen: set[str] = set()
+    inline = 0
+    for item in items:
+        why = cppipe.check_input_name(item.name)
+        if why:
+            raise d.InvalidArgument(why)
+        if item.name in seen:
+            raise d.InvalidArgument(f"attachment {item.name} is given twice: attach each file once")
+        seen.add(item.name)
+        kind = item.WhichOneof("source")
+        if kind == "content":
+            data = bytes(item.content)
+            if len(data) > MAX_INLINE_ATTACHMENT_BYTES:
+                raise d.InvalidArgument(
+                    f"attachment {item.name} is {len(data)} bytes: send files over 4 MiB as an "
+                    "object already stored (the client does it for you)"
+                )
+            inline += len(data)
+            out.append(_AttachmentIn(item.name, data, None))
+        elif kind == "object":
+            ref = item.object
+            try:
+                validate.check_key(ref.key, f"attachment {item.name}'s object key")
+                validate.check_sha256(ref.sha256, f"attachment {item.name}'s object")
+                validate.check_size(ref.size, f"attachment {item.name}'s object size")
+            except validate.Invalid as exc:
+                raise d.InvalidArgument(str(exc)) from None
+            if ref.size > MAX_STORED_ATTACHMENT_BYTES:
+                raise d.InvalidArgument(
+                    f"attachment {item.name} is {ref.size} bytes; at most "
+                    f"{MAX_STORED_ATTACHMENT_BYTES // 2**20} MiB are accepted"
+                )
+            out.append(_AttachmentIn(item.name, None, ref))
+        else:
+            raise d.InvalidArgument(f"attachment {item.name} has neither content nor object")
+    if inline > MAX_INLINE_ATTACHMENTS_BYTES:
+        raise d.InvalidArgument(
+            f"the attachments' bytes add up to {inline}; at most 32 MiB in one request: "
+            "send big files as objects already stored"
+        )
+    return out
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -93,14 +176,19 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 raise d.InvalidArgument(
                     f"name must be at most {MAX_PIPELINE_NAME} printable characters, e.g. 'nuclei-v2'"
                 )
-            parsed = cppipe.parse_for_sites(content)
+            attachments = _attachments_in(request.attachments)
+            stage_inputs = _stage_inputs_in(request.stage_inputs, [a.name for a in attachments])
+            names = [a.name for a in attachments] + stage_inputs
+            parsed = cppipe.parse_for_sites(content, input_files=names)
             asked = {
                 types_pb2.PIPELINE_SCOPE_SITE: cppipe.SCOPE_SITE,
                 types_pb2.PIPELINE_SCOPE_PLATE: cppipe.SCOPE_PLATE,
             }.get(request.scope, "")
             scope_name, scope_reasons = cppipe.decide_scope(parsed, asked)
             scope = d.Scope.PLATE if scope_name == cppipe.SCOPE_PLATE else d.Scope.SITE
-            sha = sha256_bytes(content)
+            content_sha = sha256_bytes(content)
+            stored = [await self._attachment(a) for a in attachments]
+            sha = d.pipeline_sha256(content_sha, stored)
             found = await self.store.find_pipeline(sha)
             if found is not None:
                 if asked and found.scope != scope:
@@ -112,8 +200,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 return catalog_pb2.RegisterPipelineResponse(
                     pipeline=_pipeline(found), already_registered=True
                 )
-            key = pipeline_key(sha)
-            await self.objects.put_bytes(key, content, "text/plain; charset=utf-8")
+            key = pipeline_key(content_sha)
+            await self.objects.put_bytes(key, content, "text/plain; charset=utf-8", if_absent=True)
             info, created = await self.store.add_pipeline(
                 d.PipelineInfo(
                     sha256=sha,
@@ -124,18 +212,51 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     tables=parsed.tables,
                     table_files=parsed.table_files,
                     created_at=datetime.now(UTC),
+                    attachments=stored,
+                    content_sha256=content_sha if stored else "",
                     scope=scope,
                     scope_reasons=scope_reasons,
+                    stage_inputs=stage_inputs,
                 ),
                 size=len(content),
             )
             if created:
                 log.info(
-                    "pipeline %s registered as %s (%s)", info.name, sha[:12], ", ".join(info.image_names)
+                    "pipeline %s registered as %s (%s; %d attachments)",
+                    info.name,
+                    sha[:12],
+                    ", ".join(info.image_names),
+                    len(stored),
                 )
             return catalog_pb2.RegisterPipelineResponse(
                 pipeline=_pipeline(info), already_registered=not created
             )
+
+    async def _attachment(self, attachment: _AttachmentIn) -> d.InputFile:
+        """Stores an attachment's bytes by their SHA-256 (if not there yet), or
+        checks an already stored one's size and SHA-256."""
+        if attachment.content is not None:
+            data = attachment.content
+            sha = sha256_bytes(data)
+            stored = await self.objects.put_bytes(attachment_key(sha), data, if_absent=True)
+            return d.InputFile(attachment.name, stored.key, stored.size, sha)
+        ref = attachment.ref
+        assert ref is not None
+        try:
+            head = await self.objects.head(ref.key)
+        except ObjectMissing:
+            raise d.InvalidArgument(
+                f"attachment {attachment.name}: no object {ref.key} in the object store; upload it first"
+            ) from None
+        if head.size != ref.size:
+            raise d.InvalidArgument(
+                f"attachment {attachment.name}: object {ref.key} has {head.size} bytes, not {ref.size}"
+            )
+        try:
+            await self.objects.get_bytes(ref.key, expected_sha256=ref.sha256)
+        except ChecksumMismatch as exc:
+            raise d.InvalidArgument(f"attachment {attachment.name}: {exc}") from None
+        return d.InputFile(attachment.name, ref.key, ref.size, ref.sha256)
 
     async def GetPipeline(
         self, request: catalog_pb2.GetPipelineRequest, context: Context
@@ -457,9 +578,17 @@ def _state_in(value: int) -> d.SiteState | None:
         return None
 
 
+def _input_file(f: d.InputFile) -> catalog_pb2.InputFile:
+    return catalog_pb2.InputFile(
+        name=f.name, object=types_pb2.ObjectRef(key=f.key, size=f.size, sha256=f.sha256)
+    )
+
+
 def _pipeline(p: d.PipelineInfo) -> catalog_pb2.Pipeline:
     return catalog_pb2.Pipeline(
-        ref=types_pb2.PipelineRef(sha256=p.sha256, key=p.key),
+        ref=types_pb2.PipelineRef(sha256=p.sha256, key=p.key, content_sha256=p.content_sha256),
+        attachments=[_input_file(a) for a in p.attachments],
+        stage_inputs=p.stage_inputs,
         name=p.name,
         modules=p.modules,
         image_names=p.image_names,
@@ -517,14 +646,11 @@ def _site_claim(c: d.SiteClaim) -> catalog_pb2.SiteClaim:
         attempt=c.attempt,
         site=_site_ref(c.site),
         images=[_image(i) for i in c.images],
-        pipeline=types_pb2.PipelineRef(sha256=c.pipeline_sha256, key=c.pipeline_key),
+        pipeline=types_pb2.PipelineRef(
+            sha256=c.pipeline_sha256, key=c.pipeline_key, content_sha256=c.pipeline_content_sha256
+        ),
         expected_tables=c.expected_tables,
-        input_files=[
-            catalog_pb2.InputFile(
-                name=f.name, object=types_pb2.ObjectRef(key=f.key, size=f.size, sha256=f.sha256)
-            )
-            for f in c.input_files
-        ],
+        input_files=[_input_file(f) for f in c.input_files],
         scope=_scope(c.scope),
     )
 

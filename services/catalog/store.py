@@ -54,6 +54,7 @@ from services.catalog.domain import (
     FailureClass,
     ImageIn,
     ImageInfo,
+    InputFile,
     InvalidArgument,
     Layout,
     MissingSite,
@@ -288,6 +289,9 @@ class CatalogStore:
                 tables=info.tables,
                 table_files=info.table_files,
                 created_at=utcnow(),
+                content_sha256=info.content_sha256 or None,
+                attachments=[_input_file_json(a) for a in info.attachments] or None,
+                stage_inputs=list(info.stage_inputs) or None,
                 scope=int(info.scope),
                 scope_reasons=list(info.scope_reasons),
             )
@@ -960,6 +964,8 @@ class CatalogStore:
                             PipelineRow.sha256,
                             PipelineRow.key,
                             PipelineRow.table_files,
+                            PipelineRow.content_sha256,
+                            PipelineRow.attachments,
                             PipelineRow.scope,
                             RunRow.plate_id,
                             RunRow.position,
@@ -1021,8 +1027,9 @@ class CatalogStore:
                         pipeline_sha256=run.sha256,
                         pipeline_key=run.key,
                         expected_tables=list(run.table_files),
+                        pipeline_content_sha256=run.content_sha256 or "",
                         scope=Scope(run.scope),
-                        input_files=artifacts[job.run_id],
+                        input_files=_claim_inputs(run.attachments, artifacts[job.run_id]),
                     )
                 )
             return claims, {r.name for r in runs.values()}
@@ -1793,6 +1800,13 @@ def _check_pipeline_fits(
     """Every image name the pipeline assigns is a channel of the plate, or,
     for a stage after a plate stage, may be one of that stage's files (an
     illumination function): which file is checked when the site runs."""
+    if pipeline.stage_inputs and after_stage is None:
+        raise InvalidArgument(
+            f"pipeline {_pipeline_label(pipeline)} reads {', '.join(pipeline.stage_inputs)} from an earlier "
+            f"plate stage, and plate {plate} runs no plate-scope stage before it: create the plate with "
+            "the plate stage and add this pipeline after it (AddPlatePipeline), or register it with the "
+            "files attached"
+        )
     missing = [n for n in pipeline.image_names if n not in channels]
     if missing and after_stage is not None and pipeline.scope != int(Scope.PLATE):
         return
@@ -1965,9 +1979,28 @@ def _pipeline_info(row: PipelineRow) -> PipelineInfo:
         tables=list(row.tables),
         table_files=list(row.table_files),
         created_at=row.created_at,
+        attachments=_input_files(row.attachments),
+        content_sha256=row.content_sha256 or "",
+        stage_inputs=list(row.stage_inputs or []),
         scope=Scope(row.scope or Scope.SITE),
         scope_reasons=list(row.scope_reasons or []),
     )
+
+
+def _claim_inputs(attachments: list[dict[str, Any]] | None, artifacts: list[ResultFile]) -> list[InputFile]:
+    """A claim's input files: the pipeline's attachments, then the earlier plate
+    stages' artifacts; an attachment wins over an artifact of the same name."""
+    files = _input_files(attachments)
+    names = {f.name for f in files}
+    return files + [InputFile(f.name, f.key, f.size, f.sha256) for f in artifacts if f.name not in names]
+
+
+def _input_file_json(f: InputFile) -> dict[str, Any]:
+    return {"name": f.name, "key": f.key, "size": f.size, "sha256": f.sha256}
+
+
+def _input_files(value: list[dict[str, Any]] | None) -> list[InputFile]:
+    return [InputFile(str(f["name"]), str(f["key"]), int(f["size"]), str(f["sha256"])) for f in value or []]
 
 
 def _plate_info(plate: PlateRow, pipelines: list[str]) -> PlateInfo:

@@ -34,7 +34,7 @@ import ast
 import posixpath
 import re
 import sys
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 HEADER = "CellProfiler Pipeline: http://www.cellprofiler.org"
@@ -461,10 +461,10 @@ def _analyse(version: int, modules: tuple[Module, ...]) -> Pipeline:
         problems.append(
             "the pipeline assigns no image names: add NamesAndTypes so that each channel gets a name"
         )
-    if not any(m.name == "ExportToSpreadsheet" for m in enabled):
+    if not any(m.name in WRITES_FILES for m in enabled):
         problems.append(
-            "the pipeline has no enabled ExportToSpreadsheet module: cellmesh collects each site's "
-            "measurements from the tables it writes; add one"
+            "the pipeline writes no files (no enabled ExportToSpreadsheet, SaveImages or other module "
+            "that writes into the output folder): cellmesh keeps what a site's run writes; add one"
         )
     return Pipeline(
         version=version,
@@ -898,14 +898,21 @@ def safety_problems(pipeline: Pipeline, allow_modules: Collection[str] = ()) -> 
     return problems
 
 
-def parse_for_sites(content: bytes | str, *, allow_modules: Collection[str] = ()) -> Pipeline:
-    """`parse`, then `check_safe` and `check_runs_per_site`, refusing with every
-    problem of both in one error."""
+def parse_for_sites(
+    content: bytes | str, *, allow_modules: Collection[str] = (), input_files: Collection[str] = ()
+) -> Pipeline:
+    """`parse`, then `check_safe`, `check_runs_per_site` and `input_file_problems`
+    (``input_files``: the names of the files every run gets besides its channel
+    images, i.e. the attachments), refusing with every problem in one error.
+    The pipeline's ``image_names`` are then the channels a plate must have: the
+    names NamesAndTypes assigns to input files are not among them."""
     pipeline = parse(content)
     problems = safety_problems(pipeline, allow_modules) + list(pipeline.problems)
+    problems += input_file_problems(pipeline, input_files)
     if problems:
         raise PipelineError("; ".join(problems))
-    return pipeline
+    bound = bound_images(pipeline, input_files)
+    return replace(pipeline, image_names=tuple(n for n in pipeline.image_names if n not in bound))
 
 
 @dataclass(frozen=True)
@@ -1249,3 +1256,474 @@ def _is_code(value: str) -> bool:
         if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
             return True
     return False
+
+
+# -- files a pipeline reads ------------------------------------------------------
+#
+# Besides the site's channel images, a pipeline may read files: a metadata CSV
+# (Metadata "Import from file"), rules or a classifier (FilterObjects,
+# FlagImage, ClassifyObjects), a worm training set (UntangleWorms,
+# StraightenWorms), an ImageJ macro, or files NamesAndTypes assigns an image
+# name to by rule (an illumination function, Channel1ILLUM.mat). Each must be
+# an input file of the run: a pipeline attachment (later also a plate artifact
+# of an earlier stage), placed in the run's Default Input Folder under its
+# name. Registration refuses a pipeline that reads a file no input provides.
+# LoadData's CSV is written by the worker and is not checked here.
+
+MAX_INPUT_NAME = 255
+#: The Images module's filters by choice (cellprofiler_core/constants/modules/images.py).
+IMAGES_ONLY_FILTER = 'and (extension does isimage) (directory doesnot containregexp "[\\\\/]\\.")'
+#: Extensions CellProfiler's "isimage" takes for images (its Java IsImagePredicate:
+#: what Bio-Formats reads); an illumination function (.npy, .mat), a CSV or XML is not.
+_NOT_IMAGE_EXTENSIONS = frozenset(
+    {"npy", "mat", "csv", "txt", "xml", "json", "h5", "model", "pkl", "ijm", "py"}
+)
+_EXTENSION_TESTS: dict[str, Callable[[str], bool]] = {
+    "istif": lambda ext: ext.lower() in ("tif", "tiff", "ome.tif", "ome.tiff"),
+    "isjpeg": lambda ext: ext.lower() in ("jpg", "jpeg"),
+    "ispng": lambda ext: ext.lower() == "png",
+    "isimage": lambda ext: ext.rsplit(".", 1)[-1].lower() not in _NOT_IMAGE_EXTENSIONS,
+    "isflex": lambda ext: ext.lower() == "flex",
+    "ismovie": lambda ext: ext.lower() in ("mov", "avi"),
+}
+#: Modules whose file names are files they write, not read (their folders are checked by check_safe).
+_WRITERS = frozenset(WRITES_FILES) | {"LoadData"}
+#: What a module does with the file it reads, for the messages.
+_READ_VERBS = {
+    "Metadata": "imports",
+    "UntangleWorms": "reads its worm training set",
+    "StraightenWorms": "reads its worm training set",
+    "FilterObjects": "reads",
+    "FlagImage": "reads its rules",
+    "ClassifyObjects": "reads its classifier",
+    "RunImageJMacro": "runs the macro",
+}
+
+
+@dataclass(frozen=True)
+class FileRead:
+    """A file a module reads, and where from."""
+
+    module: str
+    """The module's title, e.g. "Metadata (module 2)"."""
+    name: str
+    """The module's name, e.g. "Metadata"."""
+    setting: str
+    """The label of the setting that names the file."""
+    path: str
+    """The file's path relative to its folder (with a sub-folder if one is given)."""
+    folder: str
+    """CellProfiler's folder choice: Default Input Folder, Default Output Folder, Elsewhere..."""
+
+
+def check_input_name(name: str) -> str | None:
+    """What is wrong with an input file's name (relative to the Default Input
+    Folder), or None: '/'-separated parts, none empty, hidden or '..', printable,
+    at most 255 characters."""
+    if not name:
+        return "an input file needs a name, e.g. '1049_Metadata.csv'"
+    if len(name) > MAX_INPUT_NAME:
+        return f"input file name {name[:40]!r}... is longer than {MAX_INPUT_NAME} characters"
+    if any(ord(c) < 32 or c in '\\"' for c in name):
+        return f"input file name {name!r} has a control character, a backslash or a quote"
+    for part in name.split("/"):
+        if not part or part.startswith(".") or part.strip() != part:
+            return (
+                f"input file name {name!r} must be a path relative to the Default Input Folder "
+                "whose parts are not empty, do not start with '.' and have no space around them "
+                "(e.g. 'illum/Channel1ILLUM.mat')"
+            )
+    return None
+
+
+def parse_rule(text: str) -> object:
+    """A CellProfiler file filter (``and (file does contain "w1") (extension does istif)``)
+    as nested lists: ``["and", [...], [...]]``, predicates as lists of words and
+    literals. Raises ValueError if it is not one."""
+    pos = 0
+
+    def skip() -> None:
+        nonlocal pos
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+
+    def literal() -> str:
+        nonlocal pos
+        out = []
+        pos += 1
+        while pos < len(text):
+            c = text[pos]
+            if c == "\\" and pos + 1 < len(text):
+                out.append(text[pos + 1])
+                pos += 2
+                continue
+            if c == '"':
+                pos += 1
+                return "".join(out)
+            out.append(c)
+            pos += 1
+        raise ValueError("unterminated literal")
+
+    def sequence(closing: bool) -> list[object]:
+        nonlocal pos
+        items: list[object] = []
+        while True:
+            skip()
+            if pos >= len(text):
+                if closing:
+                    raise ValueError("missing ')'")
+                return items
+            c = text[pos]
+            if c == ")":
+                if not closing:
+                    raise ValueError("unexpected ')'")
+                pos += 1
+                return items
+            if c == "(":
+                pos += 1
+                items.append(sequence(True))
+            elif c == '"':
+                items.append(("literal", literal()))
+            else:
+                match = re.match(r"(?:\\.|[^ )(])+", text[pos:])
+                assert match is not None
+                items.append(re.sub(r"\\(.)", r"\1", match.group(0)))
+                pos += len(match.group(0))
+
+    return sequence(False)
+
+
+def rule_matches(rule: object, file_name: str) -> bool | None:
+    """Whether a parsed rule accepts a file of this name in the Default Input
+    Folder: True, False, or None when it depends on what the name does not say
+    (the folder's path, metadata, the image's contents)."""
+    if not isinstance(rule, list) or not rule:
+        return None
+    head = rule[0]
+    if head in ("and", "or"):
+        values = [rule_matches(item, file_name) for item in rule[1:]]
+        if head == "and":
+            if any(v is False for v in values):
+                return False
+            return True if all(v is True for v in values) else None
+        if any(v is True for v in values):
+            return True
+        return False if all(v is False for v in values) else None
+    if len(rule) == 1 and isinstance(head, list):
+        return rule_matches(head, file_name)
+    words = [w[1] if isinstance(w, tuple) else w for w in rule]
+    base = file_name.rsplit("/", 1)[-1]
+    if head == "file" and len(words) == 4 and words[1] in ("does", "doesnot"):
+        op, value = words[2], str(words[3])
+        tests = {
+            "contain": lambda: value in base,
+            "containregexp": lambda: re.search(value, base) is not None,
+            "startwith": lambda: base.startswith(value),
+            "endwith": lambda: base.endswith(value),
+            "eq": lambda: base == value,
+        }
+        if op not in tests:
+            return None
+        try:
+            found = tests[op]()
+        except re.error:
+            return None
+        return found if words[1] == "does" else not found
+    if head == "extension" and len(words) == 3 and words[1] in ("does", "doesnot"):
+        test = _EXTENSION_TESTS.get(str(words[2]))
+        if test is None:
+            return None
+        ext = base.split(".", 1)[1] if "." in base else ""
+        if base.lower().endswith((".ome.tif", ".ome.tiff")):
+            ext = ".".join(base.split(".")[-2:])
+        elif "." in ext:
+            ext = ext.rsplit(".", 1)[-1]
+        found = bool(test(ext))
+        return found if words[1] == "does" else not found
+    return None
+
+
+def _rule(text: str) -> object | None:
+    try:
+        return parse_rule(text)
+    except ValueError:
+        return None
+
+
+def _only_attachments(rule: object) -> bool:
+    """Whether a rule matches no channel image: it insists on a non-image
+    extension or on one exact file name (``file does eq``) at the top of an 'and'."""
+    if _requires_non_image(rule):
+        return True
+    if not isinstance(rule, list) or not rule:
+        return False
+    if rule[0] == "and":
+        return any(_only_attachments(item) for item in rule[1:])
+    words = [w[1] if isinstance(w, tuple) else w for w in rule]
+    return len(words) == 4 and words[:3] == ["file", "does", "eq"]
+
+
+def _requires_non_image(rule: object) -> str | None:
+    """The non-image extension a rule insists on (``file does endwith ".mat"``
+    at the top of an 'and'), which no microscope's channel image has."""
+    if not isinstance(rule, list) or not rule:
+        return None
+    if rule[0] == "and":
+        for item in rule[1:]:
+            found = _requires_non_image(item)
+            if found:
+                return found
+        return None
+    words = [w[1] if isinstance(w, tuple) else w for w in rule]
+    if len(words) == 4 and words[:3] == ["file", "does", "endwith"]:
+        ext = str(words[3]).lower().lstrip(".")
+        if ext in _NOT_IMAGE_EXTENSIONS:
+            return "." + ext
+    return None
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    """One rule of NamesAndTypes: the image name, its type and its rule."""
+
+    image_name: str
+    image_type: str
+    rule_text: str
+
+
+def _assignments(module: Module) -> list[_Assignment]:
+    if (module.get("Assign a name to") or "").strip().lower().startswith("all"):
+        return []
+    out: list[_Assignment] = []
+    block: dict[str, str] | None = None
+    for label, value in module.settings:
+        key = _norm(label)
+        if key == "single image location":
+            block = None
+            continue
+        if key == "select the rule criteria":
+            block = {"rule": value}
+            out_index = len(out)
+            out.append(_Assignment("", "", value))
+            continue
+        if block is not None and key not in block:
+            block[key] = value
+            out[out_index] = _Assignment(
+                block.get("name to assign these images", "").strip(),
+                block.get("select the image type", "").strip(),
+                block["rule"],
+            )
+    return [a for a in out if _used(a.image_name)]
+
+
+def _images_filter(pipeline: Pipeline) -> object | None:
+    """The Images module's filter (None: every file passes)."""
+    for module in pipeline.modules:
+        if module.enabled and module.name == "Images":
+            choice = (module.get("Filter images?") or "Images only").strip()
+            if choice == "No filtering":
+                return None
+            if choice == "Custom":
+                return _rule(module.get("Select the rule criteria") or "")
+            return _rule(IMAGES_ONLY_FILTER)
+    return None
+
+
+def bound_images(pipeline: Pipeline, input_files: Collection[str]) -> dict[str, list[str]]:
+    """The image names NamesAndTypes assigns to input files rather than to
+    channel images: {image name: [input file names its rule matches]}. The
+    worker hands these files to CellProfiler together with the channel images."""
+    bound: dict[str, list[str]] = {}
+    passes = _images_filter(pipeline)
+    for module in pipeline.modules:
+        if not module.enabled or module.name != "NamesAndTypes":
+            continue
+        for assignment in _assignments(module):
+            rule = _rule(assignment.rule_text)
+            matched = [
+                n
+                for n in sorted(input_files)
+                if rule_matches(rule, n) is True and (passes is None or rule_matches(passes, n) is not False)
+            ]
+            if matched:
+                bound.setdefault(assignment.image_name, []).extend(matched)
+    return bound
+
+
+def files_read(pipeline: Pipeline) -> list[FileRead]:
+    """The files the pipeline's enabled modules read by name (not LoadData's CSV,
+    not the files modules write), with the setting that names them."""
+    reads: list[FileRead] = []
+    for module in pipeline.modules:
+        if not module.enabled or module.name in _WRITERS:
+            continue
+        name = _canonical(module.name)
+        if name == "Metadata" and not module.is_yes("Extract metadata?"):
+            continue
+        if name == "UntangleWorms" and (module.get("Train or untangle worms?") or "").strip() == "Train":
+            continue
+        if name in ("FlagImage",) and not any(
+            v.strip() in ("Rules", "Classifier") for v in module.values("Flag is based on")
+        ):
+            continue
+        if name == "ClassifyObjects" and not any(
+            v.strip() == "Classifier Model" for v in module.values("Make classification decision based on")
+        ):
+            continue
+        location: tuple[str, str] | None = None
+        method = ""
+        for label, value in module.settings:
+            key = _norm(label)
+            if key == "metadata extraction method":
+                method = value.strip()
+            found = _location(value)
+            if found is not None:
+                location = found
+                continue
+            if (
+                location is None
+                or not value.strip()
+                or not key.endswith(("file name", "filename"))
+                or key.startswith("regular")
+            ):
+                continue
+            if name == "Metadata" and method != "Import from file":
+                continue
+            if name == "FilterObjects":
+                mode = (module.get("Select the filtering mode") or "").strip()
+                if ("rules" in key and mode != "Rules") or ("classifier" in key and mode != "Classifiers"):
+                    continue
+            folder, sub = location
+            sub = sub.strip().strip("/")
+            path = value.strip()
+            if folder in (IN_SUBFOLDER, OUT_SUBFOLDER) and sub not in ("", "."):
+                path = f"{sub}/{path}"
+            reads.append(FileRead(module.title, module.name, label.strip(), path, folder))
+    return reads
+
+
+def input_file_problems(pipeline: Pipeline, input_files: Collection[str]) -> list[str]:
+    """Why the pipeline would read a file that no input file (attachment) and no
+    channel image provides, one sentence each naming module, setting and file."""
+    names = set(input_files)
+    problems: list[str] = []
+    for read in files_read(pipeline):
+        verb = _READ_VERBS.get(_canonical(read.name), "reads")
+        where = f"`{read.name}` ({read.module.partition(' (')[2].rstrip(')')}) setting '{read.setting}'"
+        if _TAG_RE.search(read.path):
+            problems.append(
+                f"{where} {verb} a file named with metadata tags ({read.path!r}): cellmesh gives "
+                "every site the same input files; name one file and attach it"
+            )
+        elif read.folder in (IN_FOLDER, IN_SUBFOLDER):
+            if read.path not in names:
+                problems.append(
+                    f"{where} {verb} {read.path} from the Default Input Folder, which is not attached: "
+                    f"attach it with --attach {read.path}"
+                )
+        elif read.folder in (OUT_FOLDER, OUT_SUBFOLDER, ELSEWHERE):
+            problems.append(
+                f"{where} {verb} {read.path} from the {read.folder.rstrip('.')}"
+                f"{' (CellProfiler’s working folder)' if read.folder == ELSEWHERE else ''}, where cellmesh "
+                "puts nothing: choose 'Default Input Folder' as its location and attach it with "
+                f"--attach {read.path.rsplit('/', 1)[-1]}"
+            )
+    bound = bound_images(pipeline, names)
+    for module in pipeline.modules:
+        if not module.enabled or module.name != "NamesAndTypes":
+            continue
+        title = f"`{module.name}` (module {module.number})"
+        for assignment in _assignments(module):
+            files = bound.get(assignment.image_name, [])
+            rule = _rule(assignment.rule_text)
+            if files and assignment.image_type != "Illumination function" and not _only_attachments(rule):
+                problems.append(
+                    f"{title} assigns {assignment.image_name} to files matching "
+                    f"'{assignment.rule_text}', which the input file {files[0]} matches too: CellProfiler "
+                    f"would take it for a {assignment.image_name} image besides the channel's; rename the "
+                    'attachment, or narrow the rule (e.g. file does eq "<its name>")'
+                )
+            elif len(files) > 1:
+                problems.append(
+                    f"{title} assigns {assignment.image_name} to files matching "
+                    f"'{assignment.rule_text}', which several attachments match ({', '.join(files)}): "
+                    "every site gets one file per image name; attach one of them"
+                )
+            elif not files:
+                extension = _requires_non_image(rule)
+                if extension or assignment.image_type == "Illumination function":
+                    what = (
+                        "an illumination function"
+                        if assignment.image_type == "Illumination function"
+                        else "a file"
+                    )
+                    ends = f" (a {extension} file, which no channel image is)" if extension else ""
+                    example = _example_name(rule, extension or ".npy")
+                    problems.append(
+                        f"{title} assigns {assignment.image_name} to {what} matching "
+                        f"'{assignment.rule_text}'{ends}, and no attachment matches: attach the file "
+                        "under a name the rule matches" + (f", e.g. --attach {example}" if example else "")
+                    )
+    passes = _images_filter(pipeline)
+    for module in pipeline.modules:
+        if module.enabled and module.name == "NamesAndTypes":
+            if (module.get("Assign a name to") or "").strip().lower().startswith("all"):
+                taken = [n for n in sorted(names) if passes is None or rule_matches(passes, n) is not False]
+                if taken:
+                    problems.append(
+                        f"`NamesAndTypes` (module {module.number}) assigns one name to all images, and "
+                        f"the Images module's filter lets the input file {taken[0]} through: CellProfiler "
+                        "would take it for an image; filter it out in the Images module (e.g. 'Images "
+                        "only'), or assign names by rules"
+                    )
+    if passes is not None:
+        for name in sorted(names):
+            if rule_matches(passes, name) is False and any(
+                rule_matches(_rule(a.rule_text), name) is True
+                for m in pipeline.modules
+                if m.enabled and m.name == "NamesAndTypes"
+                for a in _assignments(m)
+            ):
+                problems.append(
+                    f"the Images module's filter drops the attachment {name}, which NamesAndTypes "
+                    f"assigns: set 'Filter images?' to Custom with a rule that passes it, e.g. "
+                    f'or (extension does isimage) (file does endwith "{_suffix(name)}")'
+                )
+    return problems
+
+
+def _suffix(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return "." + base.rsplit(".", 1)[-1] if "." in base else base
+
+
+def _example_name(rule: object, default_suffix: str) -> str | None:
+    """A file name the rule accepts, built from its 'file' predicates, or None."""
+    eq = start = end = ""
+    middle: list[str] = []
+
+    def walk(node: object) -> None:
+        nonlocal eq, start, end
+        if not isinstance(node, list) or not node:
+            return
+        if node[0] == "and":
+            for item in node[1:]:
+                walk(item)
+            return
+        words = [w[1] if isinstance(w, tuple) else w for w in node]
+        if len(words) == 4 and words[0] == "file" and words[1] == "does":
+            value = str(words[3])
+            if words[2] == "eq":
+                eq = value
+            elif words[2] == "startwith":
+                start = value
+            elif words[2] == "endwith":
+                end = value
+            elif words[2] == "contain":
+                middle.append(value)
+
+    walk(rule)
+    name = eq or (start + "".join(middle) + (end or default_suffix))
+    if name and check_input_name(name) is None and rule_matches(rule, name) is True:
+        return name
+    return None

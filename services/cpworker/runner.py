@@ -72,12 +72,17 @@ class RunResult:
     outcome: Outcome = Outcome.SUCCESS
 
 
-def judge_outputs(output_dir: Path, expected_tables: Iterable[str]) -> tuple[bool, str]:
+def judge_outputs(
+    output_dir: Path, expected_tables: Iterable[str], *, files_if_no_tables: bool = True
+) -> tuple[bool, str]:
     """Did the run in ``output_dir`` succeed? (ok, reason why not).
 
     Success means the done-file says ``Complete`` and every expected table
-    (e.g. ``Image.csv``) exists and is not empty.
+    (e.g. ``Image.csv``) exists and is not empty. A pipeline that exports no
+    tables (only SaveImages) must have written at least one file that is not
+    empty besides the done-file (unless ``files_if_no_tables`` is False).
     """
+    expected_tables = list(expected_tables)
     done = Path(output_dir) / DONE_FILE_NAME
     try:
         status = done.read_text(encoding="utf-8").strip()
@@ -93,6 +98,10 @@ def judge_outputs(output_dir: Path, expected_tables: Iterable[str]) -> tuple[boo
             return False, f"expected table {table} is missing"
         if path.stat().st_size == 0:
             return False, f"expected table {table} is empty"
+    if not expected_tables and files_if_no_tables:
+        written = [p for p in Path(output_dir).rglob("*") if p.is_file() and p.name != DONE_FILE_NAME]
+        if not any(p.stat().st_size > 0 for p in written):
+            return False, "the pipeline exports no tables and wrote no files (SaveImages saved nothing)"
     return True, ""
 
 
@@ -687,7 +696,7 @@ def _judge_cold_run(output_dir: Path, code: int | None) -> tuple[bool, str, int]
     done = output_dir / DONE_FILE_NAME
     if code != 0 and done.exists() and done.read_text(encoding="utf-8").strip() == "Complete":
         done.write_text(f"Failure ({_describe_exit(code)})\n", encoding="utf-8")
-    ok, reason = judge_outputs(output_dir, ())
+    ok, reason = judge_outputs(output_dir, (), files_if_no_tables=False)
     if code != 0:
         ok, reason = False, f"CellProfiler {_describe_exit(code)}" + (f"; {reason}" if reason else "")
     return ok, reason, _count_image_rows(output_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Protocol, TypeVar
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
+from services.common import cppipe
 from services.common.retry import GaveUp, with_backoff
 from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
 from services.cpworker.inputs import (
@@ -195,7 +197,7 @@ class PipelineCache:
 
     def __init__(self, store: ObjectStore, folder: Path) -> None:
         self._store = store
-        self._folder = folder
+        self.folder = folder
         self._lock = asyncio.Lock()
         self._prepared: dict[tuple[str, tuple[str, ...], bool], PreparedPipeline] = {}
 
@@ -204,9 +206,11 @@ class PipelineCache:
     ) -> PreparedPipeline:
         """The pipeline bound to ``channels`` (see inputs.prepare_pipeline).
         Raises InputsProblem if the pipeline cannot be read."""
-        sha = ref.sha256  # type: ignore[attr-defined]
+        # A pipeline with attachments is identified by a manifest; its .cppipe
+        # file has a checksum of its own.
+        sha = ref.content_sha256 or ref.sha256  # type: ignore[attr-defined]
         key = ref.key  # type: ignore[attr-defined]
-        path = self._folder / f"{sha}.cppipe"
+        path = self.folder / f"{sha}.cppipe"
         wanted = (sha, tuple(sorted(channels)), per_site)
         async with self._lock:
             if not path.exists():
@@ -214,6 +218,53 @@ class PipelineCache:
             if wanted not in self._prepared:
                 self._prepared[wanted] = await asyncio.to_thread(prepare_pipeline, path, wanted[1], per_site)
             return self._prepared[wanted]
+
+
+class InputFileCache:
+    """A run's input files (pipeline attachments, plate artifacts) fetched by
+    SHA-256 once per worker, kept on disk and linked into each run's Default
+    Input Folder (copied where a hard link cannot be made)."""
+
+    def __init__(self, store: ObjectStore, folder: Path) -> None:
+        self._store = store
+        self._folder = folder
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, obj: types_pb2.ObjectRef) -> Path:
+        path = self._folder / obj.sha256
+        lock = self._locks.setdefault(obj.sha256, asyncio.Lock())
+        async with lock:
+            if not path.exists():
+                await self._store.get_file(obj.key, path, expected_sha256=obj.sha256)
+        return path
+
+    async def place(self, item: catalog_pb2.InputFile, folder: Path) -> Path:
+        """The input file at `folder`/its name."""
+        cached = await self.get(item.object)
+        target = input_file_path(folder, item.name)
+        await asyncio.to_thread(_link_or_copy, cached, target)
+        return target
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def input_file_problem(claim: catalog_pb2.SiteClaim, image_names: list[str]) -> str | None:
+    """Why the claim's input files cannot be placed next to its images, or None."""
+    seen = set(image_names)
+    for item in claim.input_files:
+        why = cppipe.check_input_name(item.name)
+        if why:
+            return why
+        if item.name in seen:
+            return f"input file {item.name} has the name of another input of the site (a channel image?)"
+        seen.add(item.name)
+    return None
 
 
 class SiteProcessor:
@@ -229,6 +280,7 @@ class SiteProcessor:
         site_timeout: float,
         transient_budget: float = 120.0,
         stage_timeout: float = 21600.0,
+        inputs: InputFileCache | None = None,
     ) -> None:
         self.store = store
         self.pipelines = pipelines
@@ -238,6 +290,7 @@ class SiteProcessor:
         self.site_timeout = site_timeout
         self.stage_timeout = stage_timeout
         self.transient_budget = transient_budget
+        self.inputs = inputs or InputFileCache(store, pipelines.folder / "inputs")
 
     async def _s3(self, what: str, call: object) -> object:
         return await with_backoff(
@@ -305,15 +358,9 @@ class SiteProcessor:
             extra = [(f, input_file_path(in_dir, f.name)) for f in claim.input_files]
         except ValueError as exc:
             return Failure(FC.FAILURE_CLASS_BAD_TASK, str(exc))
-        taken = set(files)
-        clashes = [f.name for f, path in extra if path in taken]
-        if clashes:
-            return Failure(
-                FC.FAILURE_CLASS_INPUT_PROBLEM,
-                f"input file {clashes[0]!r} has the name of one of the site's channel images",
-            )
-        for _f, path in extra:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        problem = input_file_problem(claim, [f.name for f in files])
+        if problem:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
         try:
             downloads = [
                 self._s3(
@@ -321,12 +368,11 @@ class SiteProcessor:
                     partial(self.store.get_file, image.object.key, path, image.object.sha256),
                 )
                 for image, path in zip(claim.images, files, strict=True)
-            ] + [
-                self._s3(
-                    f"download input file {f.name}",
-                    partial(self.store.get_file, f.object.key, path, f.object.sha256),
-                )
-                for f, path in extra
+            ]
+            # Input files come from the worker's cache (by SHA-256), linked in.
+            placing = [
+                self._s3(f"download input file {item.name}", partial(self.inputs.place, item, in_dir))
+                for item in claim.input_files
             ]
             channels = sorted({image.channel for image in claim.images})
             pipeline, *_ = await gather_or_cancel(
@@ -334,6 +380,7 @@ class SiteProcessor:
                     "download pipeline", partial(self.pipelines.get, claim.pipeline, channels, plate_stage)
                 ),
                 *downloads,
+                *placing,
             )
         except ObjectMissing as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
@@ -421,7 +468,8 @@ class SiteProcessor:
         provenance = catalog_pb2.Provenance(
             cellprofiler_version=result.cp_version,
             pipeline_sha256=claim.pipeline.sha256,
-            input_sha256=[i.object.sha256 for i in claim.images],
+            input_sha256=[i.object.sha256 for i in claim.images]
+            + [f.object.sha256 for f in claim.input_files],
             worker_id=self.worker_id,
             download_seconds=download_s,
             run_seconds=result.seconds,

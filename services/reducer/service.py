@@ -99,7 +99,12 @@ _CONTENT_TYPES = {
     ".json": "application/json",
 }
 # Files of a site job that are not per-object tables.
-_NOT_TABLES = ("Experiment", "Object relationships", "Relationships")
+_NOT_TABLES = (
+    "Experiment",
+    "Object relationships",
+    "Relationships",
+    "cellmesh_done",
+)  # and the worker's done-file
 
 
 class PlateNotFound(LookupError):

@@ -43,9 +43,21 @@ async def test_example_human_is_accepted_and_stored(catalog: Catalog, shared_dat
 async def test_example_sbs_is_a_plate_stage_for_calculate_statistics(
     catalog: Catalog, shared_data: Path
 ) -> None:
+    folder = shared_data / "bbbc013_translocation_plate"
+    # The plate map and illumination functions it reads, attached as its own files.
+    files = [
+        catalog_pb2.Attachment(name=n, content=(folder / "images" / n).read_bytes())
+        for n in ("1049_Metadata.csv", "Channel1ILLUM.mat", "Channel2ILLUM.mat")
+    ]
     for path in ("ExampleSBS.cppipe", "derived/ExampleSBS_cp4.cppipe"):
-        content = (shared_data / "bbbc013_translocation_plate" / path).read_bytes()
-        registered = await register_pipeline(catalog.stub, content)
+        content = (folder / path).read_bytes()
+        with refused(INVALID, "--attach"):
+            await register_pipeline(catalog.stub, content)
+        reply = await catalog.stub.RegisterPipeline(
+            catalog_pb2.RegisterPipelineRequest(name="sbs", content=content, attachments=files)
+        )
+        registered = reply.pipeline
+        assert list(registered.image_names) == ["rawGFP", "rawDNA"]
         assert registered.scope == types_pb2.PIPELINE_SCOPE_PLATE
         assert list(registered.scope_reasons) == [
             "CalculateStatistics (module 18) computes statistics over all image sets"

@@ -74,12 +74,20 @@ async def test_cli_against_the_real_catalog(
     assert "channels  DNA, PH3, cellbody" in out
     sha = out.split("sha256    ")[1].split()[0]
 
-    code, _, err = await cellmesh(
-        "pipeline",
-        "register",
-        str(shared_data / "bbbc013_translocation_plate" / "derived" / "ExampleSBS_cp4.cppipe"),
+    sbs = shared_data / "bbbc013_translocation_plate"
+    code, _, err = await cellmesh("pipeline", "register", str(sbs / "derived" / "ExampleSBS_cp4.cppipe"))
+    assert code == 1 and err.startswith("error: INVALID_ARGUMENT: ")
+    assert "imports 1049_Metadata.csv from the Default Input Folder" in err and "IllumDNA" in err
+    attach = [
+        a
+        for n in ("1049_Metadata.csv", "Channel1ILLUM.mat", "Channel2ILLUM.mat")
+        for a in ("--attach", str(sbs / "images" / n))
+    ]
+    code, out, err = await cellmesh(
+        "pipeline", "register", str(sbs / "derived" / "ExampleSBS_cp4.cppipe"), *attach
     )
-    assert code == 1 and err.startswith("error: INVALID_ARGUMENT: ") and "CalculateStatistics" in err
+    assert code == 0, err
+    assert "channels  rawGFP, rawDNA" in out and "attached  Channel2ILLUM.mat" in out
 
     code, out, err = await cellmesh(
         "plate", "create", "human", "--channels", "DNA,PH3,cellbody", "--pipeline", sha[:10], "--wells", "D03"

@@ -292,7 +292,9 @@ def test_modules_that_run_across_image_sets(module: str, hint: str) -> None:
     ],
 )
 def test_modules_that_work_across_image_sets_make_a_plate_stage(module: str, why: str) -> None:
-    p = cppipe.parse_for_sites(text(NAT, PRIMARY, (module, [("x", "y")]), export()))
+    p = cppipe.parse_for_sites(
+        text(NAT, PRIMARY, (module, [("x", "y")]), export()), input_files=["illum.npy"]
+    )
     assert cppipe.decide_scope(p) == (cppipe.SCOPE_PLATE, [f"{module} (module 3) {why}"])
 
 

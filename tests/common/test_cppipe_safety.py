@@ -27,12 +27,20 @@ REAL_PIPELINES = {
     "examples/pipelines/bbbc013_nuclei.cppipe": "",
     "example_human/ExampleHuman.cppipe": "",
     "example_human/ExamplePercentPositive.cppipe": "",
-    # Per plate (CalculateStatistics), see test_cppipe.py.
-    "bbbc013_translocation_plate/ExampleSBS.cppipe": "",
-    "bbbc013_translocation_plate/derived/ExampleSBS_cp4.cppipe": "",
-    "bbbc013_translocation_plate/ExampleSBSIllumination.cppipe": (
-        "the pipeline has no enabled ExportToSpreadsheet module"
+    # Per plate (CalculateStatistics), see test_cppipe.py; they read files
+    # that must be attached (ATTACHED).
+    "bbbc013_translocation_plate/ExampleSBS.cppipe": "`NamesAndTypes` (module 3) assigns IllumDNA",
+    "bbbc013_translocation_plate/derived/ExampleSBS_cp4.cppipe": (
+        "`Metadata` (module 2) setting 'Metadata file name' imports 1049_Metadata.csv"
     ),
+    # It only saves images (its illumination functions): valid.
+    "bbbc013_translocation_plate/ExampleSBSIllumination.cppipe": "",
+}
+#: The files those pipelines read, by the names they read them under.
+SBS_FILES = ("1049_Metadata.csv", "Channel1ILLUM.mat", "Channel2ILLUM.mat")
+ATTACHED = {
+    "bbbc013_translocation_plate/ExampleSBS.cppipe": SBS_FILES,
+    "bbbc013_translocation_plate/derived/ExampleSBS_cp4.cppipe": SBS_FILES,
 }
 
 
@@ -117,9 +125,13 @@ def test_every_real_pipeline_passes_the_new_checks(shared_data: Path) -> None:
             continue
         with pytest.raises(PipelineError) as refused:
             cppipe.parse_for_sites(path.read_bytes())
-        # Exactly the per-site problems: nothing from the new checks.
-        assert str(refused.value) == "; ".join(pipeline.problems), name
+        # Exactly the per-site problems and the files it reads that are not
+        # attached: nothing from the safety checks.
+        expected_problems = list(pipeline.problems) + cppipe.input_file_problems(pipeline, ())
+        assert str(refused.value) == "; ".join(expected_problems), name
         assert str(refused.value).startswith(expected), name
+        attached = cppipe.parse_for_sites(path.read_bytes(), input_files=ATTACHED[name])
+        assert attached.image_names == ("rawGFP", "rawDNA"), name
 
 
 def test_the_allow_list_is_cellprofiler_4_2s_modules() -> None:

@@ -151,3 +151,46 @@ def test_the_checks_read_what_cellprofiler_reads(cp_python: Path, tmp_path: Path
         values = {value for r in read for _, value in r.settings}
         for module, value in cp["folders"]:
             assert value in values, (path, module, value)
+
+
+# Runs in CellProfiler's environment: evaluates file rules with CellProfiler's
+# own Filter (the Images module's filter, NamesAndTypes' and Metadata's rules)
+# on a file in the Default Input Folder.
+FILTER = r"""
+import json, sys
+from cellprofiler_core.setting import FileCollectionDisplay
+from cellprofiler_core.setting.filter import DirectoryPredicate, ExtensionPredicate, FilePredicate, Filter
+out = []
+for rule, name in json.loads(sys.argv[1]):
+    f = Filter("rule", [FilePredicate(), DirectoryPredicate(), ExtensionPredicate()], rule)
+    out.append(f.evaluate((FileCollectionDisplay.NODE_FILE, ["/site/in", name], None)))
+print(json.dumps(out))
+"""
+
+RULES = [
+    ('and (file does contain "Channel1") (file does endwith ".mat")', "Channel1ILLUM.mat"),
+    ('and (file does contain "Channel1") (file does endwith ".mat")', "Channel2ILLUM.mat"),
+    ('and (file does contain "Channel1-") (extension does istif)', "Channel1ILLUM.mat"),
+    ('or (extension does istif) (file does endwith ".mat")', "plate.TIFF"),
+    ('or (extension does istif) (file does endwith ".mat")', "plate_map.csv"),
+    ('and (file does startwith "illum") (file does endwith ".npy")', "illum.npy"),
+    ('and (file doesnot contain "DNA") (or (file does eq "a.csv") (file does startwith "b"))', "a.csv"),
+    ('and (file doesnot contain "DNA") (or (file does eq "a.csv") (file does startwith "b"))', "DNAb.csv"),
+    ('and (file does containregexp "^il+um_[0-9]\\.npy$")', "illum_1.npy"),
+    ('and (file does contain "a\\"b")', 'xa"b.txt'),
+    ("and (extension does ispng)", "x.png"),
+    ("and (extension doesnot isjpeg)", "x.jpeg"),
+    ('and (file does contain "_DNA")', "illum_DNA.npy"),
+]
+
+
+def test_file_rules_are_read_as_cellprofiler_reads_them(cp_python: Path) -> None:
+    """cppipe's rule reader agrees with CellProfiler's Filter on every rule that
+    depends on the file's name alone."""
+    proc = subprocess.run(
+        [str(cp_python), "-c", FILTER, json.dumps(RULES)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = [cppipe.rule_matches(cppipe.parse_rule(rule), name) for rule, name in RULES]
+    assert ours == theirs

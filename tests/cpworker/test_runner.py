@@ -295,6 +295,14 @@ async def test_judge_outputs_needs_complete_and_tables(tmp_path: Path) -> None:
     (tmp_path / DONE_FILE_NAME).write_text("Failure\n")
     assert not judge_outputs(tmp_path, ())[0]
     (tmp_path / DONE_FILE_NAME).write_text("Complete\n")
+    # No tables expected (a pipeline that only saves images): some file is.
+    assert judge_outputs(tmp_path, ()) == (
+        False,
+        "the pipeline exports no tables and wrote no files (SaveImages saved nothing)",
+    )
+    assert judge_outputs(tmp_path, (), files_if_no_tables=False) == (True, "")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "DNA.tiff").write_bytes(b"II*\x00")
     assert judge_outputs(tmp_path, ()) == (True, "")
     assert judge_outputs(tmp_path, ("Image.csv",)) == (False, "expected table Image.csv is missing")
     (tmp_path / "Image.csv").write_text("")

@@ -1,6 +1,6 @@
 """`cellmesh`: the command-line tool for a lab using a cellmesh.
 
-    cellmesh pipeline register analysis.cppipe --name nuclei-v2
+    cellmesh pipeline register analysis.cppipe --name nuclei-v2 [--attach 1049_Metadata.csv]...
     cellmesh plate create P1 --channels DNA,GFP --pipeline 3fa2c1 --rows 8 --columns 12
     cellmesh ingest /data/P1 --plate P1 --pattern '...' --channel-map 1=GFP,2=DNA
     cellmesh follow P1
@@ -28,6 +28,7 @@ from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.client import (
     DEFAULT_CATALOG,
     DEFAULT_REDUCER,
+    MAX_INLINE_ATTACHMENT_BYTES,
     CellmeshClient,
     CellmeshError,
     ObjectStore,
@@ -152,15 +153,40 @@ def _print_report(report: catalog_pb2.PlateReport, bucket: str, out: TextIO) -> 
 # Commands
 
 
+def _attach_arg(value: str) -> tuple[str, Path]:
+    """--attach FILE (read under its own name) or --attach NAME=FILE."""
+    name, eq, path = value.partition("=")
+    if eq and name and path:
+        return name, Path(path)
+    return Path(value).name, Path(value)
+
+
 async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
-    reply = await client.register_pipeline(Path(args.file), args.name)
+    attachments = [_attach_arg(a) for a in args.attach or []]
+    missing = [str(path) for _, path in attachments if not path.is_file()]
+    if missing:
+        raise CellmeshError(grpc.StatusCode.INVALID_ARGUMENT, f"no such file to attach: {', '.join(missing)}")
+    big = any(path.stat().st_size > MAX_INLINE_ATTACHMENT_BYTES for _, path in attachments)
+    if big:
+        async with ObjectStore(ObjectStoreConfig.from_env()) as store:
+            reply = await client.register_pipeline(
+                Path(args.file), args.name, attachments, store, stage_inputs=args.from_stage or []
+            )
+    else:
+        reply = await client.register_pipeline(
+            Path(args.file), args.name, attachments, stage_inputs=args.from_stage or []
+        )
     p = reply.pipeline
     verb = "already registered" if reply.already_registered else "registered"
     print(f"{verb}: pipeline {p.name}", file=out)
     print(f"  sha256    {p.ref.sha256}", file=out)
     print(f"  modules   {len(p.modules)}: {', '.join(p.modules)}", file=out)
     print(f"  channels  {', '.join(p.image_names)}", file=out)
-    print(f"  tables    {', '.join(p.tables)}", file=out)
+    print(f"  tables    {', '.join(p.tables) or '(none: the files it saves)'}", file=out)
+    for a in p.attachments:
+        print(f"  attached  {a.name} ({a.object.size} bytes, sha256 {a.object.sha256[:12]})", file=out)
+    for name in p.stage_inputs:
+        print(f"  from an earlier plate stage  {name}", file=out)
 
 
 async def cmd_pipeline_list(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -425,6 +451,21 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p = pipeline_cmds.add_parser("register", help="register a .cppipe file")
     p.add_argument("file", metavar="FILE", help="the .cppipe file")
     p.add_argument("--name", help="a name for people (default: the file's name)")
+    p.add_argument(
+        "--attach",
+        action="append",
+        metavar="FILE",
+        help="a file the pipeline reads besides the channel images (illumination function, metadata "
+        "CSV, model), found under its own name in the Default Input Folder; NAME=FILE puts it under "
+        "NAME (e.g. illum/Channel1ILLUM.mat=./Channel1ILLUM.mat); repeat for each file",
+    )
+    p.add_argument(
+        "--from-stage",
+        action="append",
+        metavar="NAME",
+        help="a file the pipeline reads that an earlier plate-scope stage writes (e.g. IllumDNA.npy): "
+        "not attached, the pipeline then runs only after a plate stage; repeat for each file",
+    )
     p.set_defaults(run=cmd_pipeline_register)
     p = pipeline_cmds.add_parser("list", help="list registered pipelines")
     p.set_defaults(run=cmd_pipeline_list)

@@ -50,6 +50,7 @@ __all__ = [
     "StoredObject",
     "download_report",
     "sha256_bytes",
+    "MAX_INLINE_ATTACHMENT_BYTES",
     "sha256_file",
 ]
 
@@ -57,6 +58,8 @@ DEFAULT_CATALOG = "127.0.0.1:50051"
 DEFAULT_REDUCER = "127.0.0.1:50054"
 # RegisterImages takes at most this many images per call (see catalog.proto).
 MAX_IMAGES_PER_CALL = 10_000
+#: Attachments up to this size travel in RegisterPipeline; bigger ones go through the object store.
+MAX_INLINE_ATTACHMENT_BYTES = 4 * 1024 * 1024
 # The services accept and send messages up to 64 MiB (a plate's site list
 # with results can be large).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -139,15 +142,27 @@ class CellmeshClient:
     # Pipelines
 
     async def register_pipeline(
-        self, pipeline: str | os.PathLike[str] | bytes, name: str | None = None
+        self,
+        pipeline: str | os.PathLike[str] | bytes,
+        name: str | None = None,
+        attachments: Iterable[str | os.PathLike[str] | tuple[str, str | os.PathLike[str] | bytes]] = (),
+        store: ObjectStore | None = None,
+        stage_inputs: Iterable[str] = (),
     ) -> catalog_pb2.RegisterPipelineResponse:
-        """Registers a CellProfiler pipeline (a .cppipe path, or its bytes).
+        """Registers a CellProfiler pipeline (a .cppipe path, or its bytes) and
+        the files it reads besides the channel images.
 
-        The name defaults to the file's name without `.cppipe`. Registering the
-        same content again returns the known pipeline with
-        `already_registered` set. A pipeline that cannot run one site at a time
-        (e.g. with CalculateStatistics) is refused with INVALID_ARGUMENT.
-        The pipeline's identity is `response.pipeline.ref.sha256`.
+        The name defaults to the file's name without `.cppipe`. Each attachment
+        is a path (the pipeline reads it under the file's name) or a pair
+        (name, path or bytes), e.g. ``("illum/Channel1ILLUM.mat", path)``;
+        every run finds it in its Default Input Folder under that name. Files
+        over 4 MiB are uploaded to ``attachments/<sha256>`` with `store` first
+        (needed then), the others travel in the request. Registering the same
+        content with the same attachments again returns the known pipeline
+        with `already_registered` set. A pipeline that cannot run one site at a
+        time (e.g. with CalculateStatistics), or that reads a file that is not
+        attached, is refused with INVALID_ARGUMENT. The pipeline's identity is
+        `response.pipeline.ref.sha256`.
         """
         if isinstance(pipeline, bytes):
             content = pipeline
@@ -158,8 +173,37 @@ class CellmeshClient:
             content = await asyncio.to_thread(path.read_bytes)
             if name is None:
                 name = path.stem
-        request = catalog_pb2.RegisterPipelineRequest(name=name, content=content)
+        attached = [await self._attachment(item, store) for item in attachments]
+        request = catalog_pb2.RegisterPipelineRequest(
+            name=name, content=content, attachments=attached, stage_inputs=list(stage_inputs)
+        )
         return await _rpc(self._catalog.RegisterPipeline(request, timeout=self.timeout))
+
+    async def _attachment(
+        self,
+        item: str | os.PathLike[str] | tuple[str, str | os.PathLike[str] | bytes],
+        store: ObjectStore | None,
+    ) -> catalog_pb2.Attachment:
+        if isinstance(item, tuple):
+            attachment_name, source = item
+        else:
+            attachment_name, source = Path(item).name, item
+        data = source if isinstance(source, bytes) else await asyncio.to_thread(Path(source).read_bytes)
+        if len(data) <= MAX_INLINE_ATTACHMENT_BYTES:
+            return catalog_pb2.Attachment(name=attachment_name, content=data)
+        if store is None:
+            raise ValueError(
+                f"attachment {attachment_name} is {len(data)} bytes: files over 4 MiB go through the "
+                "object store; pass store=ObjectStore(...)"
+            )
+        digest = sha256_bytes(data)
+        key = f"attachments/{digest}"
+        there = await store.head(key)
+        if there is not None and there.size == len(data) and there.sha256 == digest:
+            ref = types_pb2.ObjectRef(key=key, size=len(data), sha256=digest)
+        else:
+            ref = await store.upload_bytes(key, data)
+        return catalog_pb2.Attachment(name=attachment_name, object=ref)
 
     async def get_pipeline(self, sha256: str) -> catalog_pb2.Pipeline:
         """Returns one pipeline by its SHA-256."""

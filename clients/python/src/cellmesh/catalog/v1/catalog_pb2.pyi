@@ -129,6 +129,8 @@ class Pipeline(_message.Message):
     IMAGE_NAMES_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    STAGE_INPUTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     SCOPE_REASONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
@@ -158,6 +160,20 @@ class Pipeline(_message.Message):
         """When it was first registered."""
 
     @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFile]:
+        """The files the pipeline reads besides the channel images (an illumination
+        function, a metadata CSV, a worm model, ...), by name; every run finds
+        them in its Default Input Folder under these names.
+        """
+
+    @_builtins.property
+    def stage_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The files it reads that an earlier plate-scope stage of its plates writes
+        (RegisterPipelineRequest.stage_inputs): it never runs as a plate's first
+        stage.
+        """
+
+    @_builtins.property
     def scope_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why the scope is what it is (the modules that work across image sets, or
         "asked for at registration").
@@ -172,16 +188,88 @@ class Pipeline(_message.Message):
         image_names: _abc.Iterable[_builtins.str] | None = ...,
         tables: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        attachments: _abc.Iterable[Global___InputFile] | None = ...,
+        stage_inputs: _abc.Iterable[_builtins.str] | None = ...,
         scope: _types_pb2.PipelineScope.ValueType = ...,
         scope_reasons: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "stage_inputs", b"stage_inputs", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Pipeline: _TypeAlias = Pipeline  # noqa: Y015
+
+@_typing.final
+class InputFile(_message.Message):
+    """A file placed in a run's Default Input Folder under `name`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The file's name relative to the Default Input Folder, e.g.
+    "1049_Metadata.csv" or "illum/Channel1ILLUM.mat": '/'-separated, no
+    "..", no empty or hidden parts, at most 255 characters.
+    """
+    @_builtins.property
+    def object(self) -> _types_pb2.ObjectRef:
+        """Where it is stored, with its size and checksum."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        object: _types_pb2.ObjectRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputFile: _TypeAlias = InputFile  # noqa: Y015
+
+@_typing.final
+class Attachment(_message.Message):
+    """A file to attach to a pipeline at registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the pipeline reads it under (see InputFile.name)."""
+    content: _builtins.bytes
+    """Its bytes, for small files: at most 4 MiB each and 32 MiB for all the
+    attachments of one request together.
+    """
+    @_builtins.property
+    def object(self) -> _types_pb2.ObjectRef:
+        """A file already in the object store, at most 256 MiB (upload big files
+        first; the client does it for you); the catalog reads it to check its
+        size and SHA-256.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        object: _types_pb2.ObjectRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "object", b"object", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "object", b"object", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["content", "object"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___Attachment: _TypeAlias = Attachment  # noqa: Y015
 
 @_typing.final
 class RegisterPipelineRequest(_message.Message):
@@ -191,6 +279,8 @@ class RegisterPipelineRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    STAGE_INPUTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, e.g. "nuclei-v2"."""
@@ -204,16 +294,35 @@ class RegisterPipelineRequest(_message.Message):
     The scope is not part of the pipeline's identity: registering the same
     content with another scope is refused.
     """
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
+        """The files the pipeline reads besides the channel images, at most 100.
+        Each one is stored once by its SHA-256, and they are part of the
+        pipeline's identity: the same .cppipe with other attachments is another
+        pipeline.
+        """
+
+    @_builtins.property
+    def stage_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of files the pipeline reads that are not attached because an
+        earlier plate-scope stage of the plates that run it writes them (its
+        artifacts, e.g. "IllumDNA.npy"): registration takes them as given, and
+        CreatePlate and AddPlatePipeline refuse the pipeline where no plate stage
+        comes before it. Not part of the pipeline's identity.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         content: _builtins.bytes = ...,
+        attachments: _abc.Iterable[Global___Attachment] | None = ...,
+        stage_inputs: _abc.Iterable[_builtins.str] | None = ...,
         scope: _types_pb2.PipelineScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "content", b"content", "name", b"name", "scope", b"scope", "stage_inputs", b"stage_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -947,14 +1056,15 @@ class SiteClaim(_message.Message):
         """The object tables the pipeline must produce, as the paths of their files
         in CellProfiler's output folder (ExportToSpreadsheet's file names with
         its prefix and extension, e.g. "Image.csv", "Nuclei.csv"); Pipeline.tables
-        has the same tables by name.
+        has the same tables by name. Empty for a pipeline that exports no
+        tables (only SaveImages): then the run must write at least one file.
         """
 
     @_builtins.property
     def input_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFile]:
         """Files placed in the run's Default Input Folder under `name` besides the
         channel images: the pipeline's attachments and the artifacts of the
-        plate-scope stages before this one.
+        plate-scope stages before this one. The worker checks each one's SHA-256.
         """
 
     def __init__(
@@ -976,34 +1086,6 @@ class SiteClaim(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SiteClaim: _TypeAlias = SiteClaim  # noqa: Y015
-
-@_typing.final
-class InputFile(_message.Message):
-    """A file a run reads besides its channel images."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    OBJECT_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """Its path in the Default Input Folder, e.g. "IllumDNA.npy"."""
-    @_builtins.property
-    def object(self) -> _types_pb2.ObjectRef:
-        """Where it is stored."""
-
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        object: _types_pb2.ObjectRef | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "object", b"object"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___InputFile: _TypeAlias = InputFile  # noqa: Y015
 
 @_typing.final
 class ClaimReadySitesRequest(_message.Message):

@@ -166,9 +166,11 @@ class CatalogServiceServicer:
     """
 
     def RegisterPipeline(self, request, context):
-        """Registers a CellProfiler pipeline. The same content registered twice is
-        the same pipeline. A pipeline that cannot run one site at a time (e.g.
-        CalculateStatistics, CreateBatchFiles) is refused with INVALID_ARGUMENT.
+        """Registers a CellProfiler pipeline and the files it reads. The same
+        content with the same attachments registered twice is the same pipeline.
+        A pipeline that cannot run one site at a time (e.g. CalculateStatistics,
+        CreateBatchFiles) or reads a file that is neither attached nor a channel
+        image is refused with INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

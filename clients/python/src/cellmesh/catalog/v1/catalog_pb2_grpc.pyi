@@ -37,9 +37,11 @@ class CatalogServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CatalogServiceAsyncStub: ...
     RegisterPipeline: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RegisterPipelineRequest, _catalog_pb2.RegisterPipelineResponse]
-    """Registers a CellProfiler pipeline. The same content registered twice is
-    the same pipeline. A pipeline that cannot run one site at a time (e.g.
-    CalculateStatistics, CreateBatchFiles) is refused with INVALID_ARGUMENT.
+    """Registers a CellProfiler pipeline and the files it reads. The same
+    content with the same attachments registered twice is the same pipeline.
+    A pipeline that cannot run one site at a time (e.g. CalculateStatistics,
+    CreateBatchFiles) or reads a file that is neither attached nor a channel
+    image is refused with INVALID_ARGUMENT.
     """
     GetPipeline: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetPipelineRequest, _catalog_pb2.GetPipelineResponse]
     """Returns one pipeline by its SHA-256."""
@@ -119,9 +121,11 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterPipeline: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RegisterPipelineRequest, _catalog_pb2.RegisterPipelineResponse]  # type: ignore[assignment]
-    """Registers a CellProfiler pipeline. The same content registered twice is
-    the same pipeline. A pipeline that cannot run one site at a time (e.g.
-    CalculateStatistics, CreateBatchFiles) is refused with INVALID_ARGUMENT.
+    """Registers a CellProfiler pipeline and the files it reads. The same
+    content with the same attachments registered twice is the same pipeline.
+    A pipeline that cannot run one site at a time (e.g. CalculateStatistics,
+    CreateBatchFiles) or reads a file that is neither attached nor a channel
+    image is refused with INVALID_ARGUMENT.
     """
     GetPipeline: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetPipelineRequest, _catalog_pb2.GetPipelineResponse]  # type: ignore[assignment]
     """Returns one pipeline by its SHA-256."""
@@ -204,9 +208,11 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.RegisterPipelineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.RegisterPipelineResponse, _abc.Awaitable[_catalog_pb2.RegisterPipelineResponse]]:
-        """Registers a CellProfiler pipeline. The same content registered twice is
-        the same pipeline. A pipeline that cannot run one site at a time (e.g.
-        CalculateStatistics, CreateBatchFiles) is refused with INVALID_ARGUMENT.
+        """Registers a CellProfiler pipeline and the files it reads. The same
+        content with the same attachments registered twice is the same pipeline.
+        A pipeline that cannot run one site at a time (e.g. CalculateStatistics,
+        CreateBatchFiles) or reads a file that is neither attached nor a channel
+        image is refused with INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x65llmesh/common/v1/types.proto\x12\x12\x63\x65llmesh.common.v1\"4\n\x07SiteRef\x12\r\n\x05plate\x18\x01 \x01(\t\x12\x0c\n\x04well\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\x05\"6\n\tObjectRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"*\n\x0bPipelineRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t*\xc8\x01\n\tSiteState\x12\x1a\n\x16SITE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SITE_STATE_WAITING\x10\x01\x12\x14\n\x10SITE_STATE_READY\x10\x02\x12\x16\n\x12SITE_STATE_CLAIMED\x10\x03\x12\x15\n\x11SITE_STATE_QUEUED\x10\x04\x12\x16\n\x12SITE_STATE_RUNNING\x10\x05\x12\x13\n\x0fSITE_STATE_DONE\x10\x06\x12\x15\n\x11SITE_STATE_FAILED\x10\x07*\xe2\x01\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x46\x41ILURE_CLASS_INPUT_PROBLEM\x10\x01\x12\x1b\n\x17\x46\x41ILURE_CLASS_TRANSIENT\x10\x02\x12\x1c\n\x18\x46\x41ILURE_CLASS_CP_PROBLEM\x10\x03\x12\x19\n\x15\x46\x41ILURE_CLASS_TIMEOUT\x10\x04\x12 \n\x1c\x46\x41ILURE_CLASS_OUTPUT_PROBLEM\x10\x05\x12\x1a\n\x16\x46\x41ILURE_CLASS_BAD_TASK\x10\x06*b\n\rPipelineScope\x12\x1e\n\x1aPIPELINE_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13PIPELINE_SCOPE_SITE\x10\x01\x12\x18\n\x14PIPELINE_SCOPE_PLATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x65llmesh/common/v1/types.proto\x12\x12\x63\x65llmesh.common.v1\"4\n\x07SiteRef\x12\r\n\x05plate\x18\x01 \x01(\t\x12\x0c\n\x04well\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\x05\"6\n\tObjectRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"B\n\x0bPipelineRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t*\xc8\x01\n\tSiteState\x12\x1a\n\x16SITE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SITE_STATE_WAITING\x10\x01\x12\x14\n\x10SITE_STATE_READY\x10\x02\x12\x16\n\x12SITE_STATE_CLAIMED\x10\x03\x12\x15\n\x11SITE_STATE_QUEUED\x10\x04\x12\x16\n\x12SITE_STATE_RUNNING\x10\x05\x12\x13\n\x0fSITE_STATE_DONE\x10\x06\x12\x15\n\x11SITE_STATE_FAILED\x10\x07*\xe2\x01\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x46\x41ILURE_CLASS_INPUT_PROBLEM\x10\x01\x12\x1b\n\x17\x46\x41ILURE_CLASS_TRANSIENT\x10\x02\x12\x1c\n\x18\x46\x41ILURE_CLASS_CP_PROBLEM\x10\x03\x12\x19\n\x15\x46\x41ILURE_CLASS_TIMEOUT\x10\x04\x12 \n\x1c\x46\x41ILURE_CLASS_OUTPUT_PROBLEM\x10\x05\x12\x1a\n\x16\x46\x41ILURE_CLASS_BAD_TASK\x10\x06*b\n\rPipelineScope\x12\x1e\n\x1aPIPELINE_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13PIPELINE_SCOPE_SITE\x10\x01\x12\x18\n\x14PIPELINE_SCOPE_PLATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cellmesh.common.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SITESTATE']._serialized_start=209
-  _globals['_SITESTATE']._serialized_end=409
-  _globals['_FAILURECLASS']._serialized_start=412
-  _globals['_FAILURECLASS']._serialized_end=638
-  _globals['_PIPELINESCOPE']._serialized_start=640
-  _globals['_PIPELINESCOPE']._serialized_end=738
+  _globals['_SITESTATE']._serialized_start=233
+  _globals['_SITESTATE']._serialized_end=433
+  _globals['_FAILURECLASS']._serialized_start=436
+  _globals['_FAILURECLASS']._serialized_end=662
+  _globals['_PIPELINESCOPE']._serialized_start=664
+  _globals['_PIPELINESCOPE']._serialized_end=762
   _globals['_SITEREF']._serialized_start=54
   _globals['_SITEREF']._serialized_end=106
   _globals['_OBJECTREF']._serialized_start=108
   _globals['_OBJECTREF']._serialized_end=162
   _globals['_PIPELINEREF']._serialized_start=164
-  _globals['_PIPELINEREF']._serialized_end=206
+  _globals['_PIPELINEREF']._serialized_end=230
 # @@protoc_insertion_point(module_scope)

@@ -222,19 +222,27 @@ class PipelineRef(_message.Message):
 
     SHA256_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
-    """The lowercase hex SHA-256 of the .cppipe file: the pipeline's identity."""
+    """The pipeline's identity (lowercase hex SHA-256): the SHA-256 of the
+    .cppipe file for a pipeline without attachments, else the SHA-256 of a
+    manifest of the .cppipe's and its attachments' checksums (see
+    docs/architecture.md).
+    """
     key: _builtins.str
     """Where the .cppipe is stored in the object store."""
+    content_sha256: _builtins.str
+    """The SHA-256 of the .cppipe file's bytes; empty when it is `sha256`."""
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
         key: _builtins.str = ...,
+        content_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_sha256", b"content_sha256", "key", b"key", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
