@@ -25,6 +25,14 @@ EXPORT = "ExportToSpreadsheet (module 8)"
 REAL_PIPELINES = {
     "examples/pipelines/nuclei.cppipe": "",
     "examples/pipelines/bbbc013_nuclei.cppipe": "",
+    # The example workflows: plate stages that only save their illumination
+    # functions, and the per-site analyses that read them (and a plate map).
+    "examples/pipelines/illum_dna.cppipe": "",
+    "examples/pipelines/nuclei_illum.cppipe": "`NamesAndTypes` (module 3) assigns IllumDNA",
+    "examples/pipelines/bbbc013/illum.cppipe": "",
+    "examples/pipelines/bbbc013/analysis.cppipe": (
+        "`Metadata` (module 2) setting 'Metadata file name' imports 1049_Metadata.csv"
+    ),
     "example_human/ExampleHuman.cppipe": "",
     "example_human/ExamplePercentPositive.cppipe": "",
     # Per plate (CalculateStatistics), see test_cppipe.py; they read files
@@ -41,7 +49,15 @@ SBS_FILES = ("1049_Metadata.csv", "Channel1ILLUM.mat", "Channel2ILLUM.mat")
 ATTACHED = {
     "bbbc013_translocation_plate/ExampleSBS.cppipe": SBS_FILES,
     "bbbc013_translocation_plate/derived/ExampleSBS_cp4.cppipe": SBS_FILES,
+    "examples/pipelines/bbbc013/analysis.cppipe": (
+        "1049_Metadata.csv",
+        "Channel1ILLUM.npy",
+        "Channel2ILLUM.npy",
+    ),
+    "examples/pipelines/nuclei_illum.cppipe": ("IllumDNA.npy",),
 }
+#: The channels of those pipelines once their files are given.
+CHANNELS = {"examples/pipelines/nuclei_illum.cppipe": ("DNA", "GFP")}
 
 
 def nuclei(*modules: str, export: dict[str, str] | None = None) -> str:
@@ -131,7 +147,7 @@ def test_every_real_pipeline_passes_the_new_checks(shared_data: Path) -> None:
         assert str(refused.value) == "; ".join(expected_problems), name
         assert str(refused.value).startswith(expected), name
         attached = cppipe.parse_for_sites(path.read_bytes(), input_files=ATTACHED[name])
-        assert attached.image_names == ("rawGFP", "rawDNA"), name
+        assert attached.image_names == CHANNELS.get(name, ("rawGFP", "rawDNA")), name
 
 
 def test_the_allow_list_is_cellprofiler_4_2s_modules() -> None:
