@@ -123,3 +123,47 @@ async def test_cli_against_the_real_catalog(
     code, out, err = await cellmesh("plate", "show", "nope")
     assert (code, out) == (1, "")
     assert err.startswith("error: NOT_FOUND: ")
+
+
+async def test_cli_registers_and_creates_a_workflow_of_stages(
+    catalog_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples" / "pipelines"
+
+    async def cellmesh(*args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["--catalog", catalog_address, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = await cellmesh("pipeline", "register", str(examples / "illum_dna.cppipe"))
+    assert code == 0, err
+    assert "runs      per plate (a plate stage): CorrectIlluminationCalculate (module 5)" in out
+    illum = out.split("sha256    ")[1].split()[0]
+    analysis_file = str(examples / "nuclei_illum.cppipe")
+    code, _, err = await cellmesh("pipeline", "register", analysis_file)
+    assert code == 1 and "IllumDNA" in err
+    code, out, err = await cellmesh("pipeline", "register", analysis_file, "--from-stage", "IllumDNA.npy")
+    assert code == 0, err
+    assert "runs      per site" in out and "from an earlier plate stage  IllumDNA.npy" in out
+    analysis = out.split("sha256    ")[1].split()[0]
+    code, _, err = await cellmesh("pipeline", "register", str(examples / "nuclei.cppipe"), "--scope", "plate")
+    assert code == 0, err
+
+    # The analysis cannot be a plate's first stage: its illumination function would never exist.
+    code, _, err = await cellmesh(
+        "plate", "create", "W0", "--channels", "DNA,GFP", "--pipeline", analysis[:12]
+    )
+    assert code == 1, err
+    code, out, err = await cellmesh(
+        "plate",
+        "create",
+        "W1",
+        "--channels",
+        "DNA,GFP",
+        "--pipeline",
+        illum[:12],
+        "--pipeline",
+        analysis[:12],
+    )
+    assert code == 0, err
+    assert f"pipelines             {illum}, {analysis}" in out

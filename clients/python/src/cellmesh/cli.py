@@ -2,6 +2,7 @@
 
     cellmesh pipeline register analysis.cppipe --name nuclei-v2 [--attach 1049_Metadata.csv]...
     cellmesh plate create P1 --channels DNA,GFP --pipeline 3fa2c1 --rows 8 --columns 12
+    cellmesh plate create P2 --channels DNA,GFP --pipeline ILLUM --pipeline ANALYSIS   (a workflow of stages)
     cellmesh ingest /data/P1 --plate P1 --pattern '...' --channel-map 1=GFP,2=DNA
     cellmesh follow P1
     cellmesh report P1 --out P1-report
@@ -170,11 +171,16 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
     if big:
         async with ObjectStore(ObjectStoreConfig.from_env()) as store:
             reply = await client.register_pipeline(
-                Path(args.file), args.name, attachments, store, stage_inputs=args.from_stage or []
+                Path(args.file),
+                args.name,
+                attachments,
+                store,
+                stage_inputs=args.from_stage or [],
+                scope=args.scope,
             )
     else:
         reply = await client.register_pipeline(
-            Path(args.file), args.name, attachments, stage_inputs=args.from_stage or []
+            Path(args.file), args.name, attachments, stage_inputs=args.from_stage or [], scope=args.scope
         )
     p = reply.pipeline
     verb = "already registered" if reply.already_registered else "registered"
@@ -183,6 +189,8 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
     print(f"  modules   {len(p.modules)}: {', '.join(p.modules)}", file=out)
     print(f"  channels  {', '.join(p.image_names)}", file=out)
     print(f"  tables    {', '.join(p.tables) or '(none: the files it saves)'}", file=out)
+    scope = "per plate (a plate stage)" if p.scope == types_pb2.PIPELINE_SCOPE_PLATE else "per site"
+    print(f"  runs      {scope}{': ' + '; '.join(p.scope_reasons) if p.scope_reasons else ''}", file=out)
     for a in p.attachments:
         print(f"  attached  {a.name} ({a.object.size} bytes, sha256 {a.object.sha256[:12]})", file=out)
     for name in p.stage_inputs:
@@ -210,8 +218,12 @@ async def cmd_plate_create(client: CellmeshClient, args: argparse.Namespace, out
             first_site=args.first_site if args.first_site is not None else 0,
             wells=[normalize_well(w) for w in (args.wells or "").split(",") if w.strip()],
         )
-    sha = await _resolve_pipeline(client, args.pipeline)
-    plate = await client.create_plate(args.name, channels, sha, layout, reduce_with_failures=not args.strict)
+    shas = [await _resolve_pipeline(client, given) for given in args.pipeline]
+    plate = await client.create_plate(
+        args.name, channels, shas[0], layout, reduce_with_failures=not args.strict
+    )
+    for sha in shas[1:]:
+        plate = (await client.add_pipeline(args.name, sha)).plate
     _print_plate(plate, out)
     if not plate.sites_known:
         print(
@@ -466,6 +478,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         help="a file the pipeline reads that an earlier plate-scope stage writes (e.g. IllumDNA.npy): "
         "not attached, the pipeline then runs only after a plate stage; repeat for each file",
     )
+    p.add_argument(
+        "--scope",
+        choices=["site", "plate"],
+        default="",
+        help="run it once per site or once per plate (default: per plate if a module works across "
+        "image sets, e.g. CorrectIlluminationCalculate 'All', per site otherwise)",
+    )
     p.set_defaults(run=cmd_pipeline_register)
     p = pipeline_cmds.add_parser("list", help="list registered pipelines")
     p.set_defaults(run=cmd_pipeline_list)
@@ -481,7 +500,14 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME", help="letters, digits, '_', '-', '.'; 1 to 64 characters")
     p.add_argument("--channels", required=True, help="the pipeline's image names, e.g. DNA,GFP")
-    p.add_argument("--pipeline", required=True, metavar="SHA", help="the pipeline's SHA-256 (or its start)")
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        action="append",
+        metavar="SHA",
+        help="a pipeline's SHA-256 (or its start); repeat it for a workflow of stages, in order "
+        "(e.g. an illumination stage, then the analysis)",
+    )
     p.add_argument("--rows", type=int, help="well rows: 8, 16 or 32 (layout default 8)")
     p.add_argument("--columns", type=int, help="well columns: 12, 24 or 48 (layout default 12)")
     p.add_argument("--sites", type=int, help="sites per well (layout default 1)")

@@ -148,6 +148,7 @@ class CellmeshClient:
         attachments: Iterable[str | os.PathLike[str] | tuple[str, str | os.PathLike[str] | bytes]] = (),
         store: ObjectStore | None = None,
         stage_inputs: Iterable[str] = (),
+        scope: str = "",
     ) -> catalog_pb2.RegisterPipelineResponse:
         """Registers a CellProfiler pipeline (a .cppipe path, or its bytes) and
         the files it reads besides the channel images.
@@ -159,11 +160,20 @@ class CellmeshClient:
         over 4 MiB are uploaded to ``attachments/<sha256>`` with `store` first
         (needed then), the others travel in the request. Registering the same
         content with the same attachments again returns the known pipeline
-        with `already_registered` set. A pipeline that cannot run one site at a
-        time (e.g. with CalculateStatistics), or that reads a file that is not
-        attached, is refused with INVALID_ARGUMENT. The pipeline's identity is
+        with `already_registered` set. `scope` is "" (decided from the
+        modules: a pipeline with CorrectIlluminationCalculate "All",
+        CalculateStatistics, MakeProjection or TrackObjects runs once per
+        plate), "site" or "plate". `stage_inputs` names the files it reads that
+        an earlier plate stage writes. A pipeline that reads a file that is not
+        attached is refused with INVALID_ARGUMENT. The pipeline's identity is
         `response.pipeline.ref.sha256`.
         """
+        scopes = {"": types_pb2.PIPELINE_SCOPE_UNSPECIFIED, "site": types_pb2.PIPELINE_SCOPE_SITE}
+        scopes["plate"] = types_pb2.PIPELINE_SCOPE_PLATE
+        if scope not in scopes:
+            raise ValueError(
+                f"scope {scope!r} is not one of: site, plate (or empty to decide from the modules)"
+            )
         if isinstance(pipeline, bytes):
             content = pipeline
             if name is None:
@@ -175,7 +185,11 @@ class CellmeshClient:
                 name = path.stem
         attached = [await self._attachment(item, store) for item in attachments]
         request = catalog_pb2.RegisterPipelineRequest(
-            name=name, content=content, attachments=attached, stage_inputs=list(stage_inputs)
+            name=name,
+            content=content,
+            attachments=attached,
+            stage_inputs=list(stage_inputs),
+            scope=scopes[scope],
         )
         return await _rpc(self._catalog.RegisterPipeline(request, timeout=self.timeout))
 
