@@ -23,6 +23,7 @@ from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration
 from services.common.settings import S3Settings
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pipelines"
 HUMAN = r"_(?P<Well>[A-P]\d{2})f(?P<Site>\d{2})d(?P<Channel>\d)\.tif$"
 
 
@@ -128,7 +129,7 @@ async def test_cli_against_the_real_catalog(
 async def test_cli_registers_and_creates_a_workflow_of_stages(
     catalog_address: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    examples = Path(__file__).resolve().parents[2] / "examples" / "pipelines"
+    examples = EXAMPLES
 
     async def cellmesh(*args: str) -> tuple[int, str, str]:
         code = await asyncio.to_thread(main, ["--catalog", catalog_address, *args])
