@@ -32,6 +32,7 @@ import logging
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -99,6 +100,8 @@ MAX_LEASE_SECONDS = 3600
 MAX_CLAIM_SITES = 1000
 MAX_CLAIM_RUNS = 100
 MAX_IMAGES_PAGE = 10_000
+DEFAULT_SITES_PAGE = 500
+MAX_SITES_PAGE = 2000
 MAX_ERRORS_LISTED = 5
 RETRYABLE_MYSQL_ERRORS = (1205, 1213)  # lock wait timeout, deadlock
 UNSETTLED = tuple(s for s in SiteState if s not in SETTLED)
@@ -1355,25 +1358,58 @@ class CatalogStore:
         pipeline_sha256: str = "",
         states: Sequence[SiteState] = (),
         with_results: bool = False,
-    ) -> list[SiteJobInfo]:
-        async def work(session: AsyncSession) -> list[SiteJobInfo]:
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> SitesPage:
+        """One page of a run's site jobs in plate order (well row, column,
+        site). The cursor is the last job's (row, column, site): each page is
+        an index range on the site table, whatever page it is."""
+        if page_size < 0 or page_size > MAX_SITES_PAGE:
+            raise InvalidArgument(
+                f"page_size {page_size} is out of range; give 1 to {MAX_SITES_PAGE} "
+                f"or 0 for the default ({DEFAULT_SITES_PAGE})"
+            )
+        size = page_size or DEFAULT_SITES_PAGE
+        position = _decode_sites_token(page_token) if page_token else None
+
+        async def work(session: AsyncSession) -> SitesPage:
             plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
+            if position is not None and position[0] != run.id:
+                raise InvalidArgument(
+                    f"page_token belongs to another plate or pipeline than plate {plate.name!r} "
+                    f"pipeline {pipeline.sha256[:12]}; start again without a page_token"
+                )
             query = (
-                select(SiteJobRow, SiteRow.well, SiteRow.site)
+                select(SiteJobRow, SiteRow.well, SiteRow.site, SiteRow.well_row, SiteRow.well_col)
                 .outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
                 .where(SiteJobRow.run_id == run.id)
                 .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
+                .limit(size + 1)
             )
+            if position is not None:
+                _run_id, r, c, n = position
+                # Spelled out (not a row comparison) so MariaDB uses the
+                # (plate, row, column, site) index as a range.
+                query = query.where(
+                    SiteRow.well_row >= r,
+                    or_(
+                        SiteRow.well_row > r,
+                        SiteRow.well_col > c,
+                        (SiteRow.well_col == c) & (SiteRow.site > n),
+                    ),
+                )
             if states:
                 query = query.where(SiteJobRow.state.in_([int(s) for s in states]))
-            rows = await session.execute(query)
+            rows = (await session.execute(query)).all()
             scope = Scope(pipeline.scope or Scope.SITE)
-            return [
+            jobs = [
                 _job_info(
                     job, SiteKey(plate.name, well or "", site or 0), pipeline.sha256, with_results, scope
                 )
-                for job, well, site in rows
+                for job, well, site, _r, _c in rows[:size]
             ]
+            positions = [(r or 0, c or 0, site or 0) for _job, _w, site, r, c in rows[:size]]
+            return SitesPage(jobs, positions, run.id, len(rows) > size)
 
         return await self._run(work)
 
@@ -2114,6 +2150,37 @@ def _report(row: ReportRow, plate: str, sha: str) -> Report:
         version=row.version,
         created_at=row.created_at,
     )
+
+
+@dataclass(frozen=True)
+class SitesPage:
+    """A page of ListSites: the jobs, each one's (row, column, site), the
+    run they belong to, and whether more follow the last one."""
+
+    jobs: list[SiteJobInfo]
+    positions: list[tuple[int, int, int]]
+    run_id: int
+    more: bool
+
+    def token_after(self, index: int) -> str:
+        """The page token that continues after jobs[index]."""
+        return _encode_token(["sites", self.run_id, *self.positions[index]])
+
+
+def _decode_sites_token(token: str) -> tuple[int, int, int, int]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        position = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if (
+            isinstance(position, list)
+            and len(position) == 5
+            and position[0] == "sites"
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in position[1:])
+        ):
+            return position[1], position[2], position[3], position[4]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidArgument("page_token is not one ListSites issued; pass next_page_token unchanged")
 
 
 def _encode_token(position: list[Any]) -> str:

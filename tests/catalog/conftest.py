@@ -29,6 +29,7 @@ class Catalog:
     objects: ObjectStore
     address: str
     database_url: str
+    servicer: CatalogServicer
 
 
 @pytest.fixture
@@ -51,7 +52,12 @@ async def catalog(database_url: str, s3_settings: S3Settings) -> AsyncIterator[C
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
                     yield Catalog(
-                        catalog_pb2_grpc.CatalogServiceStub(channel), store, objects, address, database_url
+                        catalog_pb2_grpc.CatalogServiceStub(channel),
+                        store,
+                        objects,
+                        address,
+                        database_url,
+                        servicer,
                     )
             finally:
                 servicer.close()

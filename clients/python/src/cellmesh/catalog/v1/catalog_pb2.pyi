@@ -1714,12 +1714,23 @@ class ListSitesRequest(_message.Message):
     PIPELINE_SHA256_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
     WITH_RESULTS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     plate: _builtins.str
     """The plate's name."""
     pipeline_sha256: _builtins.str
     """Only this pipeline's jobs (default: the plate's first pipeline)."""
     with_results: _builtins.bool
     """Include result files and provenance."""
+    page_size: _builtins.int
+    """At most this many jobs in one reply (default 500, maximum 2,000; more
+    is refused). A page also ends before it would pass 3.5 MiB, so a reply
+    may hold fewer; keep calling while next_page_token is set.
+    """
+    page_token: _builtins.str
+    """From ListSitesResponse.next_page_token, to continue after its last job;
+    valid only with the same plate and pipeline.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.SiteState.ValueType]:
         """Only jobs in these states (default: all)."""
@@ -1731,10 +1742,12 @@ class ListSitesRequest(_message.Message):
         pipeline_sha256: _builtins.str = ...,
         states: _abc.Iterable[_types_pb2.SiteState.ValueType] | None = ...,
         with_results: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "states", b"states", "with_results", b"with_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "states", b"states", "with_results", b"with_results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1747,18 +1760,22 @@ class ListSitesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SITES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token to get the jobs after these; empty at the end."""
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteJob]:
-        """The jobs, in (well, site) order."""
+        """The jobs, in plate order: well row, well column, site."""
 
     def __init__(
         self,
         *,
         sites: _abc.Iterable[Global___SiteJob] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sites", b"sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
