@@ -112,7 +112,7 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     s3_port = options.s3_port or free_port()
     host = options.host
     s3 = S3Settings(f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
-    topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}", retry_delays=(2, 10, 30))
+    topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}")
     database_url = options.database_url or f"sqlite+aiosqlite:///{options.run_dir / 'catalog.db'}"
     env = {
         "LOG_LEVEL": "INFO",
@@ -123,7 +123,6 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         "AWS_SECRET_ACCESS_KEY": s3.secret_key,
         "AMQP_URL": options.amqp_url,
         "QUEUE_PREFIX": topology.prefix,
-        "RETRY_DELAYS_S": ",".join(str(d) for d in topology.retry_delays),
         "GRPC_HOST": host,
         **options.extra_env,
     }
@@ -220,10 +219,9 @@ async def stop_mesh(mesh: Mesh) -> None:
         names = [mesh.topology.parked_queue]
         for kind in Topology.KINDS:
             names += [mesh.topology.queue(kind), mesh.topology.dead_queue(kind)]
-            names += [mesh.topology.retry_queue(kind, d) for d in mesh.topology.retry_delays]
         for name in names:
             await conn.delete_queue(name)
-        for name in (mesh.topology.exchange, mesh.topology.retry_exchange, mesh.topology.dead_exchange):
+        for name in (mesh.topology.exchange, mesh.topology.dead_exchange):
             await conn.delete_exchange(name)
     await conn.close()
 
