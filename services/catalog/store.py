@@ -355,9 +355,22 @@ class CatalogStore:
         async def work(session: AsyncSession) -> PlateInfo:
             pipeline = await self._require_pipeline(session, pipeline_sha256)
             _check_pipeline_fits(pipeline, channels, name)
-            existing = await session.scalar(select(PlateRow.id).where(PlateRow.name == name))
+            existing = await session.scalar(select(PlateRow).where(PlateRow.name == name))
             if existing is not None:
-                raise AlreadyExists(f"plate {name!r} exists already; choose another name or use GetPlate")
+                first = await session.scalar(
+                    select(RunRow.pipeline_id).where(RunRow.plate_id == existing.id, RunRow.position == 0)
+                )
+                if (
+                    list(existing.channels) == list(channels)
+                    and existing.layout == (None if layout is None else _layout_json(layout))
+                    and bool(existing.reduce_with_failures) == reduce_with_failures
+                    and first == pipeline.id
+                ):
+                    # The same request again (its reply was lost): the plate it made.
+                    return await self._plate_info(session, existing)
+                raise AlreadyExists(
+                    f"plate {name!r} exists already, with other settings; choose another name or use GetPlate"
+                )
             now = utcnow()
             plate = PlateRow(
                 name=name,
@@ -1103,25 +1116,34 @@ class CatalogStore:
         return found
 
     async def mark_sites_queued(self, scheduler_id: str, sites: Sequence[tuple[int, int]]) -> int:
-        """CLAIMED jobs whose attempt matches go to QUEUED; returns how many."""
+        """CLAIMED jobs whose attempt matches go to QUEUED; returns how many are
+        queued at that attempt (a replay counts the jobs it queued before)."""
         if not sites:
             return 0
         wanted = dict(sites)
 
         async def work(session: AsyncSession) -> tuple[int, set[str]]:
             matched: list[int] = []
+            already = 0
             plates: set[str] = set()
             for part in chunks(sorted(wanted)):
                 rows = await session.execute(
-                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.run_id)
-                    .where(SiteJobRow.id.in_(part), SiteJobRow.state == int(SiteState.CLAIMED))
+                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.run_id, SiteJobRow.state)
+                    .where(
+                        SiteJobRow.id.in_(part),
+                        SiteJobRow.state.in_([int(SiteState.CLAIMED), int(SiteState.QUEUED)]),
+                    )
                     .with_for_update()
                 )
                 run_ids: set[int] = set()
-                for job_id, attempt, run_id in rows:
-                    if wanted[job_id] == attempt:
-                        matched.append(job_id)
-                        run_ids.add(run_id)
+                for job_id, attempt, run_id, state in rows:
+                    if wanted[job_id] != attempt:
+                        continue
+                    if state == int(SiteState.QUEUED):
+                        already += 1  # queued by this same call before: a replay
+                        continue
+                    matched.append(job_id)
+                    run_ids.add(run_id)
                 if run_ids:
                     names = await session.scalars(
                         select(PlateRow.name)
@@ -1139,7 +1161,7 @@ class CatalogStore:
                     )
                     .execution_options(synchronize_session=False)
                 )
-            return len(matched), plates
+            return len(matched) + already, plates
 
         marked, plates = await self._run(work)
         self.changes.notify(plates)
@@ -1704,7 +1726,8 @@ class CatalogStore:
         return found is not None
 
     async def mark_runs_queued(self, scheduler_id: str, runs: Sequence[tuple[str, str, int]]) -> int:
-        """Records that reduce tasks of these (plate, pipeline, generation) are on the queue."""
+        """Records that reduce tasks of these (plate, pipeline, generation) are
+        on the queue; returns how many are (a replay counts them again)."""
 
         async def work(session: AsyncSession) -> int:
             marked = 0
@@ -1714,17 +1737,22 @@ class CatalogStore:
                 except NotFound:
                     continue
                 await session.refresh(run, with_for_update=True)
-                if run.reduce_claim_generation == generation and generation > run.reduce_queued_generation:
+                if run.reduce_claim_generation != generation:
+                    continue
+                if generation > run.reduce_queued_generation:
                     run.reduce_queued_generation = generation
                     run.reduce_claim_expires_at = None
                     marked += 1
+                elif generation == run.reduce_queued_generation:
+                    marked += 1  # queued by this same call before: a replay
             return marked
 
         return await self._run(work)
 
     async def register_report(self, report: Report) -> tuple[bool, Report]:
         """Registers a plate report with the next version of its run; the same
-        generation twice returns the first one (recorded False)."""
+        generation twice returns the first one (recorded False, unless it is
+        the same report again: a replay)."""
         _check_report(report)
 
         async def work(session: AsyncSession) -> tuple[bool, Report]:
@@ -1734,7 +1762,13 @@ class CatalogStore:
                 select(ReportRow).where(ReportRow.run_id == run.id, ReportRow.generation == report.generation)
             )
             if existing is not None:
-                return False, _report(existing, plate.name, pipeline.sha256)
+                # The same files again is a replay of the call that registered
+                # them (its reply was lost): that call's answer. Another
+                # report of the generation is told it was not recorded.
+                replay = [(f["name"], f["key"], f["sha256"]) for f in existing.files or []] == [
+                    (f.name, f.key, f.sha256) for f in report.files
+                ]
+                return replay, _report(existing, plate.name, pipeline.sha256)
             if report.generation > run.generation:
                 raise FailedPrecondition(
                     f"generation {report.generation} is ahead of plate {plate.name!r}'s run, which is at "

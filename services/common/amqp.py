@@ -337,6 +337,11 @@ class AmqpConnection:
         frame = await self._call(lambda cb: self.channel.queue_declare(queue, passive=True, callback=cb))
         return int(frame.method.message_count), int(frame.method.consumer_count)
 
+    async def purge_queue(self, queue: str) -> int:
+        """Drops every ready message of a queue; returns how many."""
+        frame = await self._call(lambda cb: self.channel.queue_purge(queue, callback=cb))
+        return int(frame.method.message_count)
+
     async def delete_queue(self, queue: str) -> None:
         await self._call(lambda cb: self.channel.queue_delete(queue, callback=cb))
 

@@ -586,7 +586,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p = commands.add_parser("requeue", help="run failed (or given) sites again")
     p.add_argument("plate", metavar="PLATE")
     p.add_argument(
-        "--site", action="append", metavar="WELL/SITE", help="e.g. A01/0 (repeat; default: every failed site)"
+        "--site",
+        action="append",
+        metavar="WELL/SITE",
+        help="e.g. A01/0 (repeat; default: every failed site); a running site is taken from its worker",
     )
     p.add_argument("--pipeline", metavar="SHA", help="the pipeline (default: the plate's first)")
     p.set_defaults(run=cmd_requeue)

@@ -2291,7 +2291,10 @@ class RegisterPlateReportResponse(_message.Message):
     RECORDED_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
     recorded: _builtins.bool
-    """True if this call registered it, false if this generation was there already."""
+    """True if the report stored is this call's (a replay of the call that
+    registered it answers true again); false if another report of this
+    generation was there already (then the caller's files are not registered).
+    """
     @_builtins.property
     def report(self) -> Global___PlateReport:
         """The report as stored, with its version."""
