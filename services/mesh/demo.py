@@ -21,7 +21,7 @@ from cellmesh.common.v1 import types_pb2
 
 from services.common import synth
 from services.common.amqp import AmqpConnection, BrokerUnavailable, Topology
-from services.common.s3 import ObjectStore
+from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
 from services.common.settings import S3Settings
 from services.mesh import microscope
 from services.mesh.procs import Proc, ProcessGroup, free_port, port_open
@@ -77,6 +77,9 @@ class DemoOptions:
     # workers in network namespaces that reach the mesh over a veth pair).
     host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # An object store of the user's (`up --s3-endpoint`): no S3 server is
+    # started and the bucket must exist or be creatable with these keys.
+    external_s3: S3Settings | None = None
 
 
 @dataclass
@@ -111,7 +114,9 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     procs = ProcessGroup(options.run_dir / "logs")
     s3_port = options.s3_port or free_port()
     host = options.host
-    s3 = S3Settings(f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
+    s3 = options.external_s3 or S3Settings(
+        f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local"
+    )
     topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}", retry_delays=(2, 10, 30))
     database_url = options.database_url or f"sqlite+aiosqlite:///{options.run_dir / 'catalog.db'}"
     env = {
@@ -129,16 +134,22 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     }
     mesh = Mesh(procs, "", "", s3, topology, env, host)
     try:
-        s3_proc = procs.start(
-            "s3", "services.common.s3server", {}, args=("--host", host, "--port", str(s3_port))
-        )
-        deadline = time.monotonic() + 20
-        while not port_open(host, s3_port):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the S3 server did not start:\n{s3_proc.log_tail()}")
-            await asyncio.sleep(0.1)
-        async with ObjectStore(s3) as store:
-            await store.ensure_bucket()
+        if options.external_s3 is None:
+            s3_proc = procs.start(
+                "s3", "services.common.s3server", {}, args=("--host", host, "--port", str(s3_port))
+            )
+            deadline = time.monotonic() + 20
+            while not port_open(host, s3_port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the S3 server did not start:\n{s3_proc.log_tail()}")
+                await asyncio.sleep(0.1)
+        try:
+            async with ObjectStore(s3) as store:
+                await store.ensure_bucket()
+        except (ObjectStoreError, ObjectMissing) as exc:
+            raise RuntimeError(
+                f"the object store {s3.endpoint_url or 'AWS S3'} (bucket {s3.bucket}) cannot be used: {exc}"
+            ) from exc
 
         catalog_port = free_port()
         catalog = procs.start(
