@@ -80,6 +80,8 @@ class DemoOptions:
     # An object store of the user's (`up --s3-endpoint`): no S3 server is
     # started and the bucket must exist or be creatable with these keys.
     external_s3: S3Settings | None = None
+    # Where the workers keep their files (default run_dir/work).
+    work_dir: Path | None = None
 
 
 @dataclass
@@ -210,7 +212,7 @@ async def start_worker(
             "GRPC_PORT": str(port),
             "CP_PYTHON": options.cp_python,
             "CP_MODE": options.mode,
-            "WORK_DIR": str(options.run_dir / "work" / f"cpworker-{index}"),
+            "WORK_DIR": str((options.work_dir or options.run_dir / "work") / f"cpworker-{index}"),
             **({"GRPC_HOST": host} if host else {}),
             **(env or {}),
         },
@@ -225,16 +227,21 @@ async def start_worker(
 async def stop_mesh(mesh: Mesh) -> None:
     await mesh.procs.stop()
     # The run's queues go with it.
-    conn = AmqpConnection(mesh.env["AMQP_URL"], mesh.topology, "cleanup")
+    await delete_topology(mesh.env["AMQP_URL"], mesh.topology)
+
+
+async def delete_topology(amqp_url: str, topology: Topology) -> None:
+    """Deletes a mesh's queues and exchanges (its prefix is its own)."""
+    conn = AmqpConnection(amqp_url, topology, "cleanup")
     with contextlib.suppress(BrokerUnavailable, TimeoutError, OSError):
         await conn.connect()
-        names = [mesh.topology.parked_queue]
+        names = [topology.parked_queue]
         for kind in Topology.KINDS:
-            names += [mesh.topology.queue(kind), mesh.topology.dead_queue(kind)]
-            names += [mesh.topology.retry_queue(kind, d) for d in mesh.topology.retry_delays]
+            names += [topology.queue(kind), topology.dead_queue(kind)]
+            names += [topology.retry_queue(kind, d) for d in topology.retry_delays]
         for name in names:
             await conn.delete_queue(name)
-        for name in (mesh.topology.exchange, mesh.topology.retry_exchange, mesh.topology.dead_exchange):
+        for name in (topology.exchange, topology.retry_exchange, topology.dead_exchange):
             await conn.delete_exchange(name)
     await conn.close()
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +38,9 @@ from typing import Any
 
 from cellmesh.meshconfig import MeshConfig
 
+from services.common.amqp import Topology
 from services.common.settings import S3Settings
-from services.mesh.demo import DemoOptions, Mesh, start_mesh, stop_mesh
+from services.mesh.demo import DemoOptions, Mesh, delete_topology, start_mesh, stop_mesh
 from services.mesh.procs import port_open
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,17 @@ class UpOptions:
     s3: S3Settings | None = None
     startup_timeout: float = 600.0
     extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def work_dir(state_dir: Path) -> Path:
+    """The workers' folder: STATE_DIR/work, unless a folder of the state dir's
+    path is hidden (~/.local/share/cellmesh): CellProfiler's default Images
+    filter leaves out every file under such a folder, so the workers then work
+    in a folder of their own under the temporary directory."""
+    if not any(part.startswith(".") for part in state_dir.absolute().parts):
+        return state_dir / "work"
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"cellmesh-{os.getuid()}-{digest}" / "work"
 
 
 # Processes, identified by pid and start time (a pid alone may be reused).
@@ -224,6 +238,7 @@ async def supervise(options: UpOptions) -> int:
         amqp_url=options.amqp_url,
         external_s3=options.s3,
         extra_env=options.extra_env,
+        work_dir=work_dir(state_dir),
     )
     starting = asyncio.create_task(start_mesh(demo))
     stopping = asyncio.create_task(stop.wait())
@@ -300,7 +315,11 @@ def _describe(mesh: Mesh, options: UpOptions) -> dict[str, Any]:
         "s3": {**_client_s3(mesh.s3), "builtin": options.s3 is None},
         "database": _redact(database),
         "amqp": _redact(options.amqp_url),
+        # For `down` to delete the queues when the supervisor could not (this
+        # file is readable by its owner only).
+        "amqp_url": options.amqp_url,
         "queue_prefix": mesh.topology.prefix,
+        "retry_delays": list(mesh.topology.retry_delays),
         "workers": options.workers,
         "processes": [
             {
@@ -378,9 +397,9 @@ def up(options: UpOptions, foreground: bool) -> int:
         return 1
     if options.s3 is None and (state_dir / "catalog.db").exists() and not options.database_url:
         print(
-            f"note: the catalog in {state_dir} keeps its plates, but the built-in object store starts"
-            " empty: images and reports of earlier runs are gone (ingest them again with --replace, or"
-            " use --s3-endpoint for a store that keeps them)",
+            f"note: the catalog in {state_dir} still lists earlier plates, but the built-in object store"
+            " starts empty: their images and reports are gone (start with an empty --state-dir for a"
+            " clean mesh, or use --s3-endpoint for a store that keeps them)",
             file=sys.stderr,
         )
     if foreground:
@@ -510,6 +529,13 @@ def down(state_dir: Path, config: Path, grace: float = 60.0) -> int:
     if still:
         print(f"error: these processes of the mesh could not be stopped: {still}", file=sys.stderr)
         return 1
+    if left and running.get("queue_prefix") and running.get("amqp_url"):
+        # The supervisor did not get to it: the mesh's queues go now.
+        topology = Topology(
+            prefix=str(running["queue_prefix"]),
+            retry_delays=tuple(int(d) for d in running.get("retry_delays") or ()),
+        )
+        asyncio.run(delete_topology(str(running["amqp_url"]), topology))
     (state_dir / RUNNING_FILE).unlink(missing_ok=True)
     _remove_config_if_ours(Path(str(running.get("config") or config)), state_dir)
     print(f"cellmesh is down ({len(tree)} process(es) stopped)")
