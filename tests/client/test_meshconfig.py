@@ -127,10 +127,13 @@ def test_unreachable_mesh_from_the_file_points_at_it(
 def test_up_without_the_services_says_what_to_do() -> None:
     # An interpreter where the services' package cannot be imported, as on a
     # lab laptop with only the client installed.
-    code = (
-        "import sys; sys.modules['services'] = None\n"
-        "from cellmesh.cli import main\n"
-        "sys.exit(main(['up']))\n"
+    code = "\n".join(
+        [
+            "import sys",
+            "sys.modules['services'] = None",
+            "from cellmesh.cli import main",
+            "sys.exit(main(['up']))",
+        ]
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ)

@@ -234,6 +234,48 @@ def test_down_after_the_supervisor_was_killed(
         emergency_down(env, tmp_path, state_dir)
 
 
+def test_foreground_until_ctrl_c(tmp_path: Path, amqp_url: str) -> None:
+    """`cellmesh up --foreground` as a terminal runs it: Ctrl-C (SIGINT to the
+    whole foreground group) stops the mesh in order, and nothing is left."""
+    home = tmp_path / "home"
+    state_dir = tmp_path / "state"
+    env = clean_env(home)
+    proc = subprocess.Popen(
+        ["cellmesh", "up", "--foreground", "--state-dir", str(state_dir)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[0]
+            if (state_dir / "running.json").exists() and running(state_dir).get("status") == "running":
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the mesh did not come up in 300 s")
+        tree = descendants(proc.pid)
+        assert len(tree) >= 7, tree  # the cellmesh command, the supervisor, five services (and CellProfiler)
+        listed = sh("cellmesh plate list", clean_env(home), tmp_path)
+        assert listed.returncode == 0 and listed.stdout.startswith("NAME"), listed
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+        assert "cellmesh is up" in out and "every process of the mesh stopped" in out
+        assert_nothing_left(tree, state_dir)
+        assert not (home / ".config" / "cellmesh" / "mesh.json").exists()
+        assert not (state_dir / "running.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(180)
+        emergency_down(env, tmp_path, state_dir)
+
+
 def test_up_without_rabbitmq_says_how_to_start_it(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     port = free_port()
