@@ -130,8 +130,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     down.add_argument("--state-dir", type=Path, default=None, help=state_help % default_state_dir())
     down.add_argument("--config", type=Path, default=None, help=config_help % config_path())
     down.add_argument(
-        "--grace", type=float, default=120.0, metavar="S",
-        help="seconds the mesh gets to stop in order before what is left is killed (120)",
+        "--grace", type=float, default=300.0, metavar="S",
+        help="seconds the mesh gets to stop in order (and keep the built-in store's files) before what is left is killed (300)",
     )  # fmt: skip
     status = sub.add_parser("status", help="what the local mesh runs, and where")
     status.add_argument("--state-dir", type=Path, default=None, help=state_help % default_state_dir())

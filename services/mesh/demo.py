@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class DemoOptions:
     external_s3: S3Settings | None = None
     # Where the workers keep their files (default run_dir/work).
     work_dir: Path | None = None
+    # Called with the object store once its bucket exists, before the catalog starts.
+    prepare_store: Callable[[ObjectStore], Awaitable[object]] | None = None
 
 
 @dataclass
@@ -148,6 +151,8 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         try:
             async with ObjectStore(s3) as store:
                 await store.ensure_bucket()
+                if options.prepare_store is not None:
+                    await options.prepare_store(store)
         except (ObjectStoreError, ObjectMissing) as exc:
             raise RuntimeError(
                 f"the object store {s3.endpoint_url or 'AWS S3'} (bucket {s3.bucket}) cannot be used: {exc}"

@@ -39,7 +39,9 @@ from typing import Any
 from cellmesh.meshconfig import MeshConfig
 
 from services.common.amqp import Topology
+from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
 from services.common.settings import S3Settings
+from services.mesh import keep
 from services.mesh.demo import DemoOptions, Mesh, delete_topology, start_mesh, stop_mesh
 from services.mesh.procs import port_open
 
@@ -239,6 +241,7 @@ async def supervise(options: UpOptions) -> int:
         external_s3=options.s3,
         extra_env=options.extra_env,
         work_dir=work_dir(state_dir),
+        prepare_store=(lambda store: _restore(store, state_dir)) if options.s3 is None else None,
     )
     starting = asyncio.create_task(start_mesh(demo))
     stopping = asyncio.create_task(stop.wait())
@@ -289,12 +292,29 @@ async def supervise(options: UpOptions) -> int:
                     log.error("%s exited (code %s); its log: %s", proc.name, code, proc.log_path)
     finally:
         log.info("stopping the mesh")
+        if options.s3 is None:
+            # Nothing writes once the services are down: keep the store's files.
+            await mesh.procs.stop(keep=("s3",))
+            try:
+                async with ObjectStore(mesh.s3) as store:
+                    total, copied = await keep.save(store, state_dir)
+                log.info(
+                    "object store kept in %s: %d objects (%d new)", state_dir / keep.OBJECTS, total, copied
+                )
+            except (ObjectStoreError, ObjectMissing, OSError) as exc:
+                log.error("the object store's files could not be kept: %s", exc)
         await stop_mesh(mesh)
         _remove_config_if_ours(options.config, state_dir)
         (state_dir / RUNNING_FILE).unlink(missing_ok=True)
         stopping.cancel()
         log.info("every process of the mesh stopped")
     return 0
+
+
+async def _restore(store: ObjectStore, state_dir: Path) -> None:
+    restored = await keep.restore(store, state_dir)
+    if restored:
+        log.info("object store: %d objects put back from %s", restored, state_dir / keep.OBJECTS)
 
 
 def _client_s3(s3: S3Settings) -> dict[str, str]:
@@ -344,7 +364,11 @@ def banner(running: dict[str, Any]) -> str:
         f"  workers       {running.get('workers')}",
         f"  database      {running.get('database')}",
         f"  object store  {s3.get('endpoint_url') or 'AWS S3'}, bucket {s3.get('bucket')}"
-        + (" (in memory: its files are gone after `cellmesh down`)" if builtin else ""),
+        + (
+            f" (built in; its files are kept in {Path(running['state_dir']) / keep.OBJECTS} at down)"
+            if builtin
+            else ""
+        ),
         f"  logs          {Path(running['state_dir']) / 'logs'}",
         f"the cellmesh command finds it through {running['config']}; elsewhere, set:",
         f"  export CELLMESH_CATALOG={running['catalog']} CELLMESH_REDUCER={running['reducer']}",
@@ -395,13 +419,6 @@ def up(options: UpOptions, foreground: bool) -> int:
             file=sys.stderr,
         )
         return 1
-    if options.s3 is None and (state_dir / "catalog.db").exists() and not options.database_url:
-        print(
-            f"note: the catalog in {state_dir} still lists earlier plates, but the built-in object store"
-            " starts empty: their images and reports are gone (start with an empty --state-dir for a"
-            " clean mesh, or use --s3-endpoint for a store that keeps them)",
-            file=sys.stderr,
-        )
     if foreground:
         from services.common import logs
 

@@ -172,12 +172,21 @@ def test_up_readme_commands_down(tmp_path: Path, shared_data: Path, amqp_url: st
         assert not config.exists() and not (state_dir / "running.json").exists()
         status = sh("cellmesh status", env, work)
         assert status.returncode == 1 and "no cellmesh runs" in status.stdout
-        # The plate survives a restart (the catalog is SQLite in the state dir).
+        kept = json.loads((state_dir / "objects.json").read_text())
+        assert sum(k.startswith("images/") for k in kept) == 3, sorted(kept)
+        # The plate survives a restart: the catalog is SQLite in the state dir,
+        # the built-in store's files come back from it.
         result = sh("cellmesh up", env, work)
         assert result.returncode == 0, result
-        assert "still lists earlier plates" in result.stderr
         listed = sh("cellmesh plate list", env, work)
         assert listed.returncode == 0 and "AS_09125" in listed.stdout, listed
+        again = sh("cellmesh report AS_09125 --out again", env, work)
+        assert again.returncode == 0, again
+        assert (work / "again" / "cells_per_well.csv").read_text() == "\n".join(cells) + "\n"
+        # Its images too: the site runs again from them, and a new report follows.
+        assert sh("cellmesh requeue AS_09125 --site D03/0", env, work).returncode == 0
+        followed = sh("cellmesh follow AS_09125 --quiet", env, work)
+        assert followed.returncode == 0 and "report v2 of plate AS_09125" in followed.stdout, followed
         tree |= descendants(int(running(state_dir)["supervisor"]["pid"]))  # type: ignore[index]
         assert sh("cellmesh down", env, work, timeout=180).returncode == 0
         assert_nothing_left(tree, state_dir)
