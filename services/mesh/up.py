@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellmesh.meshconfig import MeshConfig
+from cellmesh.meshconfig import MeshConfig, config_path
 
 from services.common.amqp import Topology
 from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
@@ -48,6 +49,7 @@ from services.mesh.procs import port_open
 log = logging.getLogger(__name__)
 
 RUNNING_FILE = "running.json"
+LOCK_FILE = "supervisor.lock"
 SUPERVISOR_LOG = "mesh.log"
 #: The supervisor gets the URLs that may hold passwords through these, not
 #: its command line (which every user of the machine can read).
@@ -217,6 +219,14 @@ async def supervise(options: UpOptions) -> int:
     """Starts the mesh, records it, and keeps it until SIGTERM or SIGINT."""
     state_dir = options.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
+    # One supervisor per state dir, held for its whole life (released by the kernel when it exits).
+    lock = (state_dir / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.error("another cellmesh supervisor runs from %s", state_dir)
+        lock.close()
+        return 1
     me = {"pid": os.getpid(), "start_time": start_time(os.getpid())}
     running: dict[str, Any] = {
         "status": "starting",
@@ -370,7 +380,11 @@ def banner(running: dict[str, Any]) -> str:
             else ""
         ),
         f"  logs          {Path(running['state_dir']) / 'logs'}",
-        f"the cellmesh command finds it through {running['config']}; elsewhere, set:",
+        (
+            f"the cellmesh command finds it through {running['config']}; elsewhere, set:"
+            if Path(running["config"]) == config_path()
+            else f"the cellmesh command finds it with CELLMESH_CONFIG={running['config']}; or set:"
+        ),
         f"  export CELLMESH_CATALOG={running['catalog']} CELLMESH_REDUCER={running['reducer']}",
         f"  export S3_ENDPOINT_URL={s3.get('endpoint_url', '')} S3_BUCKET={s3.get('bucket')}"
         f" S3_REGION={s3.get('region')}",
@@ -402,11 +416,9 @@ def up(options: UpOptions, foreground: bool) -> int:
         )
         return 0
     if running is not None:
-        left = [p for p, s in recorded_processes(running).items() if is_alive(p, s)]
-        if left:
-            print(f"a mesh from {state_dir} did not stop cleanly; stopping its {len(left)} process(es)")
-            terminate({p: s for p, s in _tree_with_times(left).items()}, grace=10)
-        (state_dir / RUNNING_FILE).unlink(missing_ok=True)
+        print(f"the mesh from {state_dir} did not stop cleanly; cleaning up first", file=sys.stderr)
+        if down(state_dir, options.config, grace=10) != 0:
+            return 1
     other = _other_mesh(options.config, state_dir)
     if other:
         print(f"error: {other}", file=sys.stderr)

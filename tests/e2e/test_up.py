@@ -303,6 +303,48 @@ def test_up_without_rabbitmq_says_how_to_start_it(tmp_path: Path) -> None:
     assert not mentioning(str(tmp_path / "state"))
 
 
+def test_a_second_mesh_does_not_take_the_client_file_of_a_running_one(tmp_path: Path, amqp_url: str) -> None:
+    """A mesh from another state dir runs (its supervisor stands in as a
+    sleeping process of ours) and holds the client's file: `up` refuses and
+    says how to go on."""
+    home = tmp_path / "home"
+    other = tmp_path / "other"
+    other.mkdir()
+    config = home / ".config" / "cellmesh" / "mesh.json"
+    config.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        supervisor = {"pid": sleeper.pid, "start_time": start_time(sleeper.pid)}
+        (other / "running.json").write_text(json.dumps({"status": "running", "supervisor": supervisor}))
+        config.write_text(json.dumps({"catalog": "127.0.0.1:1", "state_dir": str(other), "pid": sleeper.pid}))
+        result = sh(f"cellmesh up --state-dir {tmp_path / 'mine'}", clean_env(home), tmp_path)
+        assert result.returncode == 1, result
+        assert result.stderr == (
+            f"error: another mesh (state dir {other}, supervisor pid {sleeper.pid}) is the one the cellmesh"
+            f" command finds through {config}: stop it first (`cellmesh down --state-dir {other}`), or give"
+            " this one its own client file with --config PATH\n"
+        )
+        assert not (tmp_path / "mine" / "running.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_one_supervisor_per_state_dir(tmp_path: Path, amqp_url: str) -> None:
+    import fcntl
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    with (state_dir / "supervisor.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = sh(
+            f"cellmesh up --foreground --state-dir {state_dir}", clean_env(tmp_path / "home"), tmp_path
+        )
+    assert result.returncode == 1, result
+    assert f"another cellmesh supervisor runs from {state_dir}" in result.stderr + result.stdout
+    assert not (state_dir / "running.json").exists()
+
+
 def test_external_store_needs_its_keys(tmp_path: Path) -> None:
     result = sh(
         f"cellmesh up --state-dir {tmp_path / 'state'} --s3-endpoint http://127.0.0.1:1",
