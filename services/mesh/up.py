@@ -291,15 +291,16 @@ async def supervise(options: UpOptions) -> int:
         _write_json(state_dir / RUNNING_FILE, running)
         log.info("mesh up: catalog %s, reducer %s", mesh.catalog_addr, mesh.reducer_addr)
         print(banner(running), flush=True)
-        reported: set[str] = set()
+        restarts: dict[str, list[float]] = {}
+        given_up: set[str] = set()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 2.0)
-            for proc in mesh.procs.procs:
-                if not proc.alive and proc.name not in reported:
-                    reported.add(proc.name)
-                    code = proc.popen.returncode if proc.popen else None
-                    log.error("%s exited (code %s); its log: %s", proc.name, code, proc.log_path)
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                break
+            if _restart_exited(mesh, restarts, given_up):
+                running["processes"] = _processes(mesh)
+                _write_json(state_dir / RUNNING_FILE, running)
     finally:
         log.info("stopping the mesh")
         if options.s3 is None:
@@ -351,17 +352,56 @@ def _describe(mesh: Mesh, options: UpOptions) -> dict[str, Any]:
         "queue_prefix": mesh.topology.prefix,
         "retry_delays": list(mesh.topology.retry_delays),
         "workers": options.workers,
-        "processes": [
-            {
-                "name": p.name,
-                "pid": p.popen.pid if p.popen else 0,
-                "start_time": start_time(p.popen.pid) if p.popen else None,
-                "address": p.grpc_addr,
-                "log": str(p.log_path),
-            }
-            for p in mesh.procs.procs
-        ],
+        "processes": _processes(mesh),
     }
+
+
+def _processes(mesh: Mesh) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": p.name,
+            "pid": p.popen.pid if p.popen else 0,
+            "start_time": start_time(p.popen.pid) if p.popen else None,
+            "address": p.grpc_addr,
+            "log": str(p.log_path),
+        }
+        for p in mesh.procs.procs
+    ]
+
+
+#: A service that exits is started again, at most this many times in RESTART_WINDOW_S.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 300.0
+
+
+def _restart_exited(mesh: Mesh, restarts: dict[str, list[float]], given_up: set[str]) -> bool:
+    """Starts again each service that exited (same command, port and
+    environment), except the built-in S3 server, whose objects lived in its
+    memory; returns whether a process changed."""
+    changed = False
+    now = time.monotonic()
+    for proc in mesh.procs.procs:
+        if proc.alive or proc.name in given_up:
+            continue
+        code = proc.popen.returncode if proc.popen else None
+        recent = [t for t in restarts.get(proc.name, []) if now - t < RESTART_WINDOW_S]
+        if proc.name == "s3" or len(recent) >= MAX_RESTARTS:
+            given_up.add(proc.name)
+            why = (
+                "the built-in object store lost what it held"
+                if proc.name == "s3"
+                else f"it exited {len(recent) + 1} times in {RESTART_WINDOW_S:.0f} s"
+            )
+            log.error(
+                "%s exited (code %s) and is not started again (%s): see %s, then `cellmesh down` and `up`",
+                proc.name, code, why, proc.log_path,
+            )  # fmt: skip
+            continue
+        log.warning("%s exited (code %s); starting it again (its log: %s)", proc.name, code, proc.log_path)
+        proc.start()
+        restarts[proc.name] = [*recent, now]
+        changed = True
+    return changed
 
 
 def banner(running: dict[str, Any]) -> str:

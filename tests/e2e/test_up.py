@@ -271,6 +271,19 @@ def test_foreground_until_ctrl_c(tmp_path: Path, amqp_url: str) -> None:
         assert len(tree) >= 7, tree  # the cellmesh command, the supervisor, five services (and CellProfiler)
         listed = sh("cellmesh plate list", clean_env(home), tmp_path)
         assert listed.returncode == 0 and listed.stdout.startswith("NAME"), listed
+        # A worker that dies is started again, and status shows the new one.
+        (worker,) = [p for p in running(state_dir)["processes"] if p["name"] == "cpworker-0"]  # type: ignore[attr-defined]
+        os.kill(worker["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            (again,) = [p for p in running(state_dir)["processes"] if p["name"] == "cpworker-0"]  # type: ignore[attr-defined]
+            if again["pid"] != worker["pid"]:
+                break
+            time.sleep(0.2)
+        assert again["pid"] != worker["pid"] and start_time(again["pid"]) == again["start_time"]
+        status = sh(f"cellmesh status --state-dir {state_dir}", env, tmp_path)
+        assert status.returncode == 0 and f"cpworker-0  {again['pid']}  running" in status.stdout, status
+        tree |= descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, out
