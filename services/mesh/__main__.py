@@ -109,7 +109,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--s3-endpoint",
         default=None,
         metavar="URL",
-        help="an S3-compatible store of yours instead of the built-in in-memory one ('' for AWS S3); "
+        help="an S3-compatible store of yours instead of the built-in one (moto, kept in the state dir at down; '' for AWS S3); "
         "its keys come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
     )
     up.add_argument(
