@@ -1481,13 +1481,23 @@ class CatalogStore:
                     f"page_token belongs to another plate or pipeline than plate {plate.name!r} "
                     f"pipeline {pipeline.sha256[:12]}; start again without a page_token"
                 )
-            query = (
-                select(SiteJobRow, SiteRow.well, SiteRow.site, SiteRow.well_row, SiteRow.well_col)
-                .outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
-                .where(SiteJobRow.run_id == run.id)
-                .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
-                .limit(size + 1)
-            )
+            columns = (SiteJobRow, SiteRow.well, SiteRow.site, SiteRow.well_row, SiteRow.well_col)
+            if pipeline.scope == int(Scope.PLATE):
+                # A plate stage's one job has no site.
+                query = select(*columns).outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
+                query = query.where(SiteJobRow.run_id == run.id).limit(size + 1)
+            else:
+                # Driven by the sites' (plate, row, column, site) index, in
+                # its order, each joined on site_jobs (site, run): a page
+                # reads its own rows, never the rest of the plate.
+                query = (
+                    select(*columns)
+                    .select_from(SiteRow)
+                    .join(SiteJobRow, (SiteJobRow.site_id == SiteRow.id) & (SiteJobRow.run_id == run.id))
+                    .where(SiteRow.plate_id == plate.id)
+                    .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
+                    .limit(size + 1)
+                )
             if position is not None:
                 _run_id, r, c, n = position
                 # Spelled out (not a row comparison) so MariaDB uses the
