@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import grpc
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -45,12 +46,12 @@ _CODES: dict[type[d.CatalogError], grpc.StatusCode] = {
 def pipeline_key(sha256: str) -> str:
     """Where a pipeline's .cppipe is stored in the object store (by the
     .cppipe's own SHA-256)."""
-    return f"pipelines/{sha256}.cppipe"
+    return keys.pipeline_key(sha256)
 
 
 def attachment_key(sha256: str) -> str:
     """Where an attachment is stored: by its SHA-256, once for every pipeline."""
-    return f"attachments/{sha256}"
+    return keys.attachment_key(sha256)
 
 
 MAX_ATTACHMENTS = 100

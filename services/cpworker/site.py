@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
@@ -114,10 +115,11 @@ def result_prefix(claim: catalog_pb2.SiteClaim, execution: str) -> str:
     object; only files registered in the catalog count, and the others are
     swept (see services/catalog/sweep.py)."""
     s = claim.site
-    run = f"a{claim.attempt}-{execution}"
     if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE:
-        return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/plate/{run}"
-    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/{run}"
+        prefix = keys.stage_results(s.plate, claim.pipeline.sha256)
+    else:
+        prefix = keys.site_results(s.plate, claim.pipeline.sha256, s.well, s.site)
+    return keys.execution_results(prefix, claim.attempt, execution)
 
 
 def input_file_path(in_dir: Path, name: str) -> Path:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
@@ -81,7 +82,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPORT_PREFIX = "reports"
 CATALOG_TIMEOUT = 60.0
 
 _KINDS = {
@@ -291,7 +291,7 @@ class Reducer:
         )
         if not on_demand:
             folder = f"{folder}/{_inputs_digest(info, options)}"
-        prefix = f"{REPORT_PREFIX}/{plate}/{info.pipeline_sha256[:12]}/{folder}"
+        prefix = f"{keys.run_reports(plate, info.pipeline_sha256)}{folder}"
         when = on_demand or f"generation {generation}"
         await asyncio.to_thread(self._work_dir.mkdir, parents=True, exist_ok=True)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{plate}-", dir=self._work_dir))
