@@ -36,6 +36,8 @@ from aiobotocore.session import get_session
 from botocore import exceptions as bex
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.common.backoff import Backoff
+from services.common.retry import sleep_unless
 from services.common.settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,10 @@ class ObjectStoreMisconfigured(RuntimeError):
     """The object store cannot be used with these settings; `setting` names
     the one to fix (S3_BUCKET, AWS_ACCESS_KEY_ID, ...)."""
 
-    def __init__(self, message: str, setting: str) -> None:
+    def __init__(self, message: str, setting: str, key: str = "") -> None:
         super().__init__(message)
         self.setting = setting
+        self.key = key  # the object whose request failed, if any (for probes)
 
 
 class ObjectStoreRefused(RuntimeError):
@@ -308,12 +311,12 @@ class ObjectStore:
     ) -> None:
         await self._stack.aclose()
 
-    def error(self, what: str, exc: BaseException, *, bucket_call: bool = False) -> Exception:
+    def error(self, what: str, exc: BaseException, *, bucket_call: bool = False, key: str = "") -> Exception:
         """The exception a failed request raises, by `classify`."""
         found = classify(exc, bucket_call=bucket_call)
         if found.error_class is ErrorClass.MISCONFIGURED:
             return ObjectStoreMisconfigured(
-                misconfiguration_message(what, found.setting, exc, self.settings), found.setting
+                misconfiguration_message(what, found.setting, exc, self.settings), found.setting, key
             )
         if found.error_class is ErrorClass.MISSING:
             return ObjectMissing(f"{what}: no such object in bucket {self.bucket}")
@@ -324,7 +327,7 @@ class ObjectStore:
         return ObjectStoreRefused(f"{what}: the object store refused it: {_store_said(exc)}")
 
     @contextlib.asynccontextmanager
-    async def _errors(self, what: str, *, bucket_call: bool = False) -> AsyncIterator[None]:
+    async def _errors(self, what: str, *, bucket_call: bool = False, key: str = "") -> AsyncIterator[None]:
         if self._unusable is not None:
             raise self._unusable
         try:
@@ -333,7 +336,7 @@ class ObjectStore:
             if isinstance(exc, ValueError) and not isinstance(exc, BotoCoreError | ClientError):
                 if classify(exc).error_class is not ErrorClass.MISCONFIGURED:
                     raise
-            raise self.error(what, exc, bucket_call=bucket_call) from exc
+            raise self.error(what, exc, bucket_call=bucket_call, key=key) from exc
 
     async def ensure_bucket(self) -> None:
         async with self._errors(f"create bucket {self.bucket}", bucket_call=True):
@@ -375,7 +378,7 @@ class ObjectStore:
         digest = sha256_bytes(data)
         condition = {"IfNoneMatch": "*"} if if_absent else {}
         try:
-            async with self._errors(f"put {key}"):
+            async with self._errors(f"put {key}", key=key):
                 await self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
@@ -406,12 +409,12 @@ class ObjectStore:
         return await self.put_bytes(key, data, content_type, if_absent=if_absent)
 
     async def head(self, key: str) -> StoredObject:
-        async with self._errors(f"head {key}"):
+        async with self._errors(f"head {key}", key=key):
             reply = await self._client.head_object(Bucket=self.bucket, Key=key)
         return StoredObject(key, int(reply["ContentLength"]), reply.get("Metadata", {}).get("sha256", ""))
 
     async def get_bytes(self, key: str, expected_sha256: str | None = None) -> bytes:
-        async with self._errors(f"get {key}"):
+        async with self._errors(f"get {key}", key=key):
             reply = await self._client.get_object(Bucket=self.bucket, Key=key)
             async with reply["Body"] as stream:
                 data: bytes = await stream.read()
@@ -442,5 +445,51 @@ class ObjectStore:
                     yield StoredObject(item["Key"], int(item["Size"]), ""), item["LastModified"]
 
     async def delete(self, key: str) -> None:
-        async with self._errors(f"delete {key}"):
+        async with self._errors(f"delete {key}", key=key):
             await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+
+class StoreGate:
+    """Whether a service may take work that needs the object store: closed
+    (with the reason, naming the setting to fix) once the store turns out
+    unusable, open again once a probe gets an answer. Consumers stop taking
+    tasks while it is closed; `on_change(open)` hears of every change (for
+    gRPC health)."""
+
+    def __init__(self, store: ObjectStore, probe_interval: float = 15.0) -> None:
+        self.store = store
+        self.probe_interval = probe_interval
+        self.problem = ""
+        self._key = ""
+        self.closed = asyncio.Event()
+
+    def close(self, exc: ObjectStoreMisconfigured | ObjectStoreError) -> None:
+        message = str(exc)
+        if isinstance(exc, ObjectStoreError):
+            message = f"object store unreachable ({exc}): check S3_ENDPOINT_URL and the network"
+        if message != self.problem:
+            log.error("NOT_SERVING, taking no task: %s (probing every %.0f s)", message, self.probe_interval)
+        self.problem = message
+        self._key = getattr(exc, "key", "") or self._key
+        self.closed.set()
+
+    async def check(self) -> bool:
+        """Probes once; False (and closed) if the store cannot be used."""
+        try:
+            await self.store.probe(self._key)
+        except (ObjectStoreMisconfigured, ObjectStoreError) as exc:
+            self.close(exc)
+            return False
+        if self.problem:
+            log.info("the object store answers again: SERVING, taking tasks")
+        self.problem, self._key = "", ""
+        self.closed.clear()
+        return True
+
+    async def wait_open(self, stop: asyncio.Event) -> None:
+        """Probes every `probe_interval` (jittered, 0.5-1x) until the store answers or `stop`."""
+        interval = Backoff(self.probe_interval, self.probe_interval, self.probe_interval / 2)
+        while self.problem and not stop.is_set():
+            await sleep_unless(stop, interval.delay(0))
+            if not stop.is_set():
+                await self.check()

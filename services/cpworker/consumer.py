@@ -34,9 +34,8 @@ from services.common.amqp import (
     Topology,
     consume_until_stopped,
 )
-from services.common.backoff import Backoff
-from services.common.retry import GaveUp, sleep_unless, with_backoff
-from services.common.s3 import ObjectStoreError, ObjectStoreMisconfigured
+from services.common.retry import GaveUp, with_backoff
+from services.common.s3 import ObjectStoreMisconfigured, StoreGate
 from services.cpworker.site import Failure, Phase, SiteProcessor, SiteRunner, Success
 
 log = logging.getLogger(__name__)
@@ -80,11 +79,8 @@ class SiteConsumer:
         probe_interval: float = 15.0,
         on_serving: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
-        self.probe_interval = probe_interval
         self._on_serving = on_serving
-        # Why the worker takes no task now (the object store cannot be used); "" when it does.
-        self.store_problem = ""
-        self._problem_key = ""
+        self.gate = StoreGate(processor.store, probe_interval)
         self._pause = asyncio.Event()
         self.ack_early_after = ack_early_after
         self.lease_seconds = lease_seconds
@@ -120,7 +116,7 @@ class SiteConsumer:
         while not stop.is_set():
             if self.store_problem:
                 await self._set_serving(False)
-                await self._probe_until_answered(stop)
+                await self.gate.wait_open(stop)
                 continue
             await self._set_serving(True)
             pause = self._pause = asyncio.Event()
@@ -155,41 +151,15 @@ class SiteConsumer:
         if self._on_serving is not None:
             await self._on_serving(serving)
 
+    @property
+    def store_problem(self) -> str:
+        """Why the worker takes no task now (the object store cannot be used); "" when it does."""
+        return self.gate.problem
+
     async def check_store(self) -> bool:
         """Probes the object store once (at start); False, with the reason in
         `store_problem` and the log, if it cannot be used."""
-        try:
-            await self.processor.store.probe()
-        except (ObjectStoreMisconfigured, ObjectStoreError) as exc:
-            self._store_unusable(exc)
-            return False
-        return True
-
-    def _store_unusable(self, exc: ObjectStoreMisconfigured | ObjectStoreError) -> None:
-        message = str(exc)
-        if isinstance(exc, ObjectStoreError):
-            message = f"object store unreachable ({exc}): check S3_ENDPOINT_URL and the network"
-        if message != self.store_problem:
-            log.error("NOT_SERVING, taking no site: %s (probing every %.0f s)", message, self.probe_interval)
-        self.store_problem = message
-        self._problem_key = getattr(exc, "key", "") or self._problem_key
-        self._pause.set()
-
-    async def _probe_until_answered(self, stop: asyncio.Event) -> None:
-        interval = Backoff(self.probe_interval, self.probe_interval, self.probe_interval / 2)
-        while not stop.is_set():
-            await sleep_unless(stop, interval.delay(0))
-            if stop.is_set():
-                return
-            try:
-                await self.processor.store.probe(self._problem_key)
-            except (ObjectStoreMisconfigured, ObjectStoreError) as exc:
-                self._store_unusable(exc)
-                continue
-            log.info("the object store answers again: SERVING, taking sites")
-            self.store_problem = ""
-            self._problem_key = ""
-            return
+        return await self.gate.check()
 
     async def _drain(self, conn: AmqpConnection, tag: str, grace_seconds: float) -> None:
         # Stopping (SIGTERM), or pausing because the object store cannot be used.
@@ -288,7 +258,8 @@ class SiteConsumer:
                 # task runs as a new execution of the same attempt).
                 log.warning("handing %s back unrun: the object store cannot be used", site)
                 delivery.requeue()
-                self._store_unusable(exc)
+                self.gate.close(exc)
+                self._pause.set()
                 return
             if outcome is None:
                 return

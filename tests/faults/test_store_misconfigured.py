@@ -6,8 +6,11 @@ project's S3 server and CellProfiler."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
+from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 from cellmesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -153,3 +157,107 @@ async def test_worker_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) ->
             assert "handing" in worker.log_path.read_text()
     finally:
         await stop_mesh(mesh)
+
+
+async def reducer_health(reducer: Proc) -> int:
+    async with grpc.aio.insecure_channel(reducer.grpc_addr) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return int(reply.status)
+
+
+async def reducer_refusal(reducer: Proc, plate: str) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(reducer.grpc_addr) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await reducer_pb2_grpc.ReducerServiceStub(channel).ReducePlate(
+                reducer_pb2.ReducePlateRequest(plate=plate), timeout=30
+            )
+    return info.value
+
+
+async def wait_until(
+    what: str, check: Callable[[], Awaitable[bool]], proc: Proc, timeout: float = 120
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.alive, f"{proc.name} exited:\n{proc.log_tail()}"
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            if await check():
+                return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"{what} did not happen in {timeout} s:\n{proc.log_tail()}")
+
+
+async def test_reducer_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) -> None:
+    mesh = await start_mesh(options(tmp_path / "mesh"), workers=1)
+    bucket = f"rb-{uuid.uuid4().hex[:10]}"
+    try:
+        usual = next(p for p in mesh.procs.procs if p.name == "reducer")
+        usual.signal(signal.SIGTERM)
+        usual.popen.wait(30)  # type: ignore[union-attr]
+        port = free_port()
+        reducer = mesh.procs.start(
+            "reducer-misconfigured",
+            "services.reducer",
+            {
+                **mesh.env,
+                "CATALOG_ADDR": mesh.catalog_addr,
+                "GRPC_PORT": str(port),
+                "S3_BUCKET": bucket,
+                "PROBE_INTERVAL_S": "1",
+            },
+            port,
+        )
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def is_not_serving() -> bool:
+            return await reducer_health(reducer) == not_serving
+
+        await wait_until("NOT_SERVING", is_not_serving, reducer)
+        refusal = await reducer_refusal(reducer, "R1")
+        assert refusal.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "S3_BUCKET" in (refusal.details() or "") and bucket in (refusal.details() or "")
+        assert "S3_BUCKET" in reducer.log_path.read_text()
+
+        async with (
+            grpc.aio.insecure_channel(mesh.catalog_addr) as channel,
+            ObjectStore(mesh.s3) as store,
+            ObjectStore(replace(mesh.s3, bucket=bucket)) as reducers_store,
+        ):
+            catalog = catalog_stub(channel)
+
+            async def reported(plate: str) -> bool:
+                progress = (
+                    await catalog.GetPlateProgress(catalog_pb2.GetPlateProgressRequest(plate=plate))
+                ).progress
+                return bool(progress.complete)
+
+            # 1. The plate's site is done, its reduce waits: the reducer takes no task.
+            sites = await create_generated_plate(catalog, tmp_path / "img1", "R1", 1, 1, 1, size=128)
+            await microscope.acquire(store, catalog, "R1", sites, 200)
+            job = await wait_done(catalog, "R1", proc_named(mesh, "cpworker-0"))
+            await asyncio.sleep(4)
+            assert not await reported("R1")
+
+            # 2. The bucket appears with the mesh's objects: the reducer goes on by itself.
+            await copy_bucket(store, reducers_store)
+            await wait_until("the report of R1", lambda: reported("R1"), reducer)
+            assert await reducer_health(reducer) == health_pb2.HealthCheckResponse.SERVING
+
+            # 3. The bucket goes away: the reduce task it takes is handed back, not failed.
+            await drop_bucket(reducers_store)
+            sites = await create_generated_plate(catalog, tmp_path / "img2", "R2", 1, 1, 1, size=128)
+            await microscope.acquire(store, catalog, "R2", sites, 200)
+            job = await wait_done(catalog, "R2", proc_named(mesh, "cpworker-0"))
+            assert job.attempt == 1
+            await wait_until("NOT_SERVING again", is_not_serving, reducer)
+            assert "handing the reduce of plate R2 back" in reducer.log_path.read_text()
+
+            # 4. Fixed again: the same task is reduced.
+            await copy_bucket(store, reducers_store)
+            await wait_until("the report of R2", lambda: reported("R2"), reducer)
+    finally:
+        await stop_mesh(mesh)
+
+
+def proc_named(mesh: Mesh, name: str) -> Proc:
+    return next(p for p in mesh.procs.procs if p.name == name)
