@@ -41,6 +41,17 @@ def _mode(raw: str) -> str:
     return raw
 
 
+def _work_dir(raw: str) -> str:
+    hidden = [part for part in Path(raw).expanduser().absolute().parts if part.startswith(".")]
+    if hidden:
+        raise ValueError(
+            f"its folder {hidden[0]!r} starts with '.': CellProfiler's default Images filter"
+            " ('directory doesnot containregexp [\\/]\\.') would then leave out every image of every"
+            " site; choose a folder with no hidden part"
+        )
+    return raw
+
+
 VARS = (
     *COMMON_VARS,
     *AMQP_VARS,
@@ -69,7 +80,12 @@ VARS = (
         positive_float,
         "how often a worker whose object store cannot be used probes it",
     ),
-    Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-worker")),
+    Var(
+        "WORK_DIR",
+        str(Path(tempfile.gettempdir()) / "cellmesh-worker"),
+        _work_dir,
+        "the worker's folder for pipelines, images and results (no hidden part in its path)",
+    ),
     Var("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
 )
 
