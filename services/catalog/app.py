@@ -15,7 +15,7 @@ from services.catalog.lifecycle import Policy
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.sweep import sweep_periodically, sweep_results
-from services.common.s3 import ObjectStore, ObjectStoreError
+from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
 from services.common.settings import (
     COMMON_VARS,
@@ -210,7 +210,7 @@ async def watch_dependencies(
                     bucket_ready = True
                 else:
                     await objects.ping()
-            except ObjectStoreError as exc:
+            except (ObjectStoreError, ObjectStoreMisconfigured) as exc:
                 problem = f"object store: {exc}"
         ok = not problem
         if ok != serving:

@@ -23,7 +23,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.catalog import domain as d
 from services.catalog.store import CatalogStore
 from services.common import cppipe, validate
-from services.common.s3 import ChecksumMismatch, ObjectMissing, ObjectStore, ObjectStoreError, sha256_bytes
+from services.common.s3 import (
+    ChecksumMismatch,
+    ObjectMissing,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreMisconfigured,
+    ObjectStoreRefused,
+    sha256_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +561,10 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ObjectStoreError):
         return grpc.StatusCode.UNAVAILABLE, f"the object store does not answer ({exc}); retry"
+    if isinstance(exc, ObjectStoreMisconfigured):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"the catalog's {exc}"
+    if isinstance(exc, ObjectStoreRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     error_id = uuid.uuid4().hex[:12]
     log.exception("unexpected error %s", error_id)
     return (

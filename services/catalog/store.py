@@ -86,9 +86,13 @@ from services.catalog.models import (
     SiteRow,
 )
 from services.common import validate
+from services.common.backoff import Backoff
 from services.common.validate import Invalid
 
 log = logging.getLogger(__name__)
+
+# Deadlocked units of work are retried at once, a little apart (jittered).
+DEADLOCK_BACKOFF = Backoff(first_delay=0.01, max_delay=0.1)
 
 T = TypeVar("T")
 
@@ -252,7 +256,7 @@ class CatalogStore:
             except (OperationalError, InterfaceError, PoolTimeout) as exc:
                 if attempt <= retries and self._retryable(exc):
                     log.info("retrying a unit of work after %s", _short(exc))
-                    await asyncio.sleep(0.01 * attempt)
+                    await asyncio.sleep(DEADLOCK_BACKOFF.delay(attempt))
                     continue
                 if isinstance(exc, OperationalError) and self._retryable(exc):
                     raise Unavailable(f"the catalog database is busy ({_short(exc)}); retry") from exc

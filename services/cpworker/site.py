@@ -3,7 +3,9 @@ and store the outputs. Returns an outcome; never talks to the queue.
 
 Failure classes follow the field's own worker: an input problem fails the site
 at once, a transient outage is retried without counting an attempt,
-CellProfiler's own failures and time-outs are retried up to a limit.
+CellProfiler's own failures and time-outs are retried up to a limit. An object
+store that cannot be used with the worker's settings is not the site's fault:
+ObjectStoreMisconfigured propagates to the consumer, which hands the task back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from cellmesh.common.v1 import types_pb2
 
 from services.common import cppipe
 from services.common.retry import GaveUp, with_backoff
-from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
+from services.common.s3 import (
+    ChecksumMismatch,
+    ObjectExists,
+    ObjectMissing,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreRefused,
+)
 from services.cpworker.inputs import (
     InputsProblem,
     PreparedPipeline,
@@ -386,6 +395,8 @@ class SiteProcessor:
             )
         except ObjectMissing as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
+        except ObjectStoreRefused as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input not readable: {exc}")
         except ChecksumMismatch as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input corrupt: {exc}")
         except GaveUp as exc:
@@ -464,7 +475,7 @@ class SiteProcessor:
             ]
         except GaveUp as exc:
             return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
-        except ObjectExists as exc:
+        except (ObjectExists, ObjectStoreRefused) as exc:
             return Failure(FC.FAILURE_CLASS_OUTPUT_PROBLEM, str(exc))
         upload_s = time.perf_counter() - t2
         provenance = catalog_pb2.Provenance(
