@@ -3,7 +3,7 @@
     pipelines   one row per .cppipe content and attachments (their SHA-256 is its identity)
     plates      name, channels, optional layout, acquisition state
     runs        one per (plate, pipeline): results generation, reduce bookkeeping
-    sites       one per (plate, well, site) the catalog knows of
+    sites       one per (plate, well, site) the catalog knows of, with its metadata
     images      one per (site, channel)
     site_jobs   one per (run, site) of a site-scope run, one per plate-scope run
                 (site_id NULL): the state machine the scheduler and workers drive
@@ -133,6 +133,9 @@ class SiteRow(Base):
     well_col: Mapped[int] = mapped_column(SmallInteger)
     site: Mapped[int] = mapped_column(Integer)
     well: Mapped[str] = mapped_column(String(4))
+    # The site's other metadata ({"Timepoint": "T01", ...}, from the ingest
+    # pattern's other groups); NULL: none. (`metadata` is taken by SQLAlchemy.)
+    site_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
 
 
 class ImageRow(Base):

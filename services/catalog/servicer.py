@@ -337,6 +337,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     sha256=i.object.sha256,
                     file_name=i.file_name,
                     replace=i.replace,
+                    metadata=dict(i.metadata),
                 )
                 for i in request.images
             ]
@@ -637,6 +638,7 @@ def _image(i: d.ImageInfo) -> catalog_pb2.Image:
         object=types_pb2.ObjectRef(key=i.key, size=i.size, sha256=i.sha256),
         file_name=i.file_name,
         registered_at=_ts(i.registered_at),
+        metadata=dict(i.metadata),
     )
 
 
@@ -709,6 +711,7 @@ def _site_job(j: d.SiteJobInfo) -> catalog_pb2.SiteJob:
         results=_result_files(j.results),
         provenance=None if j.provenance is None else _provenance(j.provenance),
         scope=_scope(j.scope),
+        metadata=dict(j.metadata),
     )
 
 
