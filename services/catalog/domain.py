@@ -120,6 +120,8 @@ class PipelineInfo:
     """Files it reads that an earlier plate stage writes (not attached)."""
     scope: Scope = Scope.SITE
     scope_reasons: list[str] = field(default_factory=list)
+    group_by: list[str] = field(default_factory=list)
+    """The metadata keys its Groups module groups image sets by."""
 
 
 @dataclass(frozen=True)

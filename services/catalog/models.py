@@ -77,6 +77,8 @@ class PipelineRow(Base):
     # `domain.Scope`: one run per site, or one per plate (a plate stage).
     scope: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     scope_reasons: Mapped[list[str] | None] = mapped_column(JSON)
+    # The metadata keys its Groups module groups by (`cppipe.grouping_keys`); NULL: none.
+    group_by: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class PlateRow(Base):

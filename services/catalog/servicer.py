@@ -217,6 +217,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     scope=scope,
                     scope_reasons=scope_reasons,
                     stage_inputs=stage_inputs,
+                    group_by=cppipe.grouping_keys(parsed),
                 ),
                 size=len(content),
             )
@@ -597,6 +598,7 @@ def _pipeline(p: d.PipelineInfo) -> catalog_pb2.Pipeline:
         created_at=_ts(p.created_at),
         scope=_scope(p.scope),
         scope_reasons=p.scope_reasons,
+        group_by=p.group_by,
     )
 
 

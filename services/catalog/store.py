@@ -294,6 +294,7 @@ class CatalogStore:
                 stage_inputs=list(info.stage_inputs) or None,
                 scope=int(info.scope),
                 scope_reasons=list(info.scope_reasons),
+                group_by=list(info.group_by) or None,
             )
             session.add(row)
             await session.flush()
@@ -2080,6 +2081,7 @@ def _pipeline_info(row: PipelineRow) -> PipelineInfo:
         stage_inputs=list(row.stage_inputs or []),
         scope=Scope(row.scope or Scope.SITE),
         scope_reasons=list(row.scope_reasons or []),
+        group_by=list(row.group_by or []),
     )
 
 

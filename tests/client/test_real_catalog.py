@@ -23,6 +23,7 @@ from services.common import synth
 from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration
 from services.common.settings import S3Settings
+from tests.common.test_cppipe import grouped
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pipelines"
 HUMAN = r"_(?P<Well>[A-P]\d{2})f(?P<Site>\d{2})d(?P<Channel>\d)\.tif$"
@@ -128,7 +129,7 @@ async def test_cli_against_the_real_catalog(
 
 
 async def test_cli_registers_and_creates_a_workflow_of_stages(
-    catalog_address: str, capsys: pytest.CaptureFixture[str]
+    catalog_address: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     examples = EXAMPLES
 
@@ -141,6 +142,12 @@ async def test_cli_registers_and_creates_a_workflow_of_stages(
     assert code == 0, err
     assert "runs      per plate (a plate stage): CorrectIlluminationCalculate (module 5)" in out
     illum = out.split("sha256    ")[1].split()[0]
+    assert "groups" not in out
+    per_well = tmp_path / "illum_per_well.cppipe"
+    per_well.write_text(grouped((examples / "illum_dna.cppipe").read_text(), "Well"))
+    code, out, err = await cellmesh("pipeline", "register", str(per_well))
+    assert code == 0, err
+    assert "  groups    by Metadata_Well (the Groups module)" in out
     analysis_file = str(examples / "nuclei_illum.cppipe")
     code, _, err = await cellmesh("pipeline", "register", analysis_file)
     assert code == 1 and "IllumDNA" in err

@@ -1,5 +1,6 @@
 """Sites keep their metadata (the ingest pattern's other named groups, e.g.
-Timepoint or Compound), which pipelines see as Metadata_<name>.
+Timepoint or Compound), which pipelines see as Metadata_<name>; pipelines
+keep the metadata keys their Groups module groups by.
 
 Revision ID: 0006
 Revises: 0004
@@ -22,8 +23,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("sites") as batch:
         batch.add_column(sa.Column("metadata", sa.JSON(), nullable=True))
+    with op.batch_alter_table("pipelines") as batch:
+        batch.add_column(sa.Column("group_by", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("pipelines") as batch:
+        batch.drop_column("group_by")
     with op.batch_alter_table("sites") as batch:
         batch.drop_column("metadata")

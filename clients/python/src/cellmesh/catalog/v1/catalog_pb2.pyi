@@ -133,6 +133,7 @@ class Pipeline(_message.Message):
     STAGE_INPUTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     SCOPE_REASONS_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, from the first registration."""
     scope: _types_pb2.PipelineScope.ValueType
@@ -179,6 +180,14 @@ class Pipeline(_message.Message):
         "asked for at registration").
         """
 
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The metadata keys its image sets are grouped by, in order (the Groups
+        module's "Metadata category" settings, or LoadData's grouping tags;
+        e.g. "Well" for Metadata_Well, "Compound" for a site metadata key).
+        Empty when the pipeline does not group.
+        """
+
     def __init__(
         self,
         *,
@@ -192,10 +201,11 @@ class Pipeline(_message.Message):
         stage_inputs: _abc.Iterable[_builtins.str] | None = ...,
         scope: _types_pb2.PipelineScope.ValueType = ...,
         scope_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "stage_inputs", b"stage_inputs", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "group_by", b"group_by", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "stage_inputs", b"stage_inputs", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
