@@ -214,6 +214,15 @@ async def test_cli_ingest_carries_the_pattern_s_other_groups_as_site_metadata(
         assert {(s.site.well, s.site.site): dict(s.metadata) for s in sites} == {
             key: {"Compound": value} for key, value in compounds.items()
         }
+    code, out, err = await cellmesh("sites", "M1")
+    assert code == 0, err
+    assert out.splitlines()[0].split()[-1] == "METADATA"
+    assert [line.split()[-1] for line in out.splitlines()[1:]] == [
+        "Compound=DMSO",
+        "Compound=DMSO",
+        "Compound=taxol",
+        "Compound=taxol",
+    ]
 
     # Two channels of one site that say other compounds are refused, naming both values.
     later = tmp_path / "later"

@@ -405,10 +405,11 @@ async def cmd_sites(client: CellmeshClient, args: argparse.Namespace, out: TextI
             s.attempt,
             _failure_name(s.failure_class),
             " ".join(s.failure_reason.split()),
+            ",".join(f"{k}={v}" for k, v in sorted(s.metadata.items())),
         )
         for s in sites
     ]
-    _table(rows, ("WELL", "SITE", "STATE", "ATTEMPT", "FAILURE", "MESSAGE"), out)
+    _table(rows, ("WELL", "SITE", "STATE", "ATTEMPT", "FAILURE", "MESSAGE", "METADATA"), out)
     print(f"{len(sites)} site(s)", file=sys.stderr)
 
 
