@@ -21,8 +21,9 @@ of those files (services/cpworker/cp_child.py, runner.py).
 A plate stage's run covers every site of the plate: each channel's folder
 holds one numbered sub-folder per site (``<channel>/00000/<file>``, in the
 claim's site order), the bound rules select them (`cppipe.channel_rule`),
-and the runners check there is one image set per site, the n-th made of the
-n-th site's files.
+and the runners check there is one image set per site, each made of one
+site's files, in any order (a pipeline that groups numbers its image sets
+group by group; `cp_child.match_image_sets`).
 
 Image names that are not channels (an illumination function an earlier
 plate stage made, an attached file) keep the pipeline's own rules: their
