@@ -103,9 +103,7 @@ async def bench_cellmesh(n: int) -> tuple[float, float, float]:
     t_drain = time.perf_counter() - t1
     await sub.close()
     for kind in Topology.KINDS:
-        for name in [topology.queue(kind), topology.dead_queue(kind)] + [
-            topology.retry_queue(kind, d) for d in topology.retry_delays
-        ]:
+        for name in [topology.queue(kind), topology.dead_queue(kind)]:
             await pub.delete_queue(name)
     await pub.delete_queue(topology.parked_queue)
     await pub.close()

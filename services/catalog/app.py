@@ -6,17 +6,27 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 
 from services.catalog import migrate
+from services.catalog.lifecycle import Policy
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.sweep import sweep_periodically, sweep_results
 from services.common.s3 import ObjectStore, ObjectStoreError
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
-from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port, positive_int
+from services.common.settings import (
+    COMMON_VARS,
+    S3_VARS,
+    S3Settings,
+    Var,
+    load,
+    port,
+    positive_float,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,31 @@ CATALOG_VARS = (
     Var("MAX_ATTEMPTS", "3", positive_int, "CellProfiler attempts per site before it fails for good"),
     Var("CATALOG_MIGRATE_ON_START", "1", _flag, "1 to upgrade the database schema before serving"),
     Var(
+        "RETRY_BASE_S",
+        "5",
+        positive_float,
+        "first retry delay of a failed site; doubles per attempt, jittered",
+    ),
+    Var("RETRY_MAX_S", "300", positive_float, "longest retry delay of a failed site"),
+    Var(
+        "TRANSIENT_BUDGET_S",
+        "900",
+        positive_float,
+        "how long a site may keep failing transiently (store or network trouble) before it is charged as TIMEOUT",
+    ),
+    Var(
+        "QUEUE_DEADLINE_S",
+        "1800",
+        positive_float,
+        "a queued site no worker started within this is presumed lost by the broker and issued again",
+    ),
+    Var(
+        "START_LEASE_S",
+        "600",
+        positive_float,
+        "deadline of a started site whose worker gave no lease of its own",
+    ),
+    Var(
         "SWEEP_INTERVAL_S",
         "3600",
         _seconds,
@@ -75,6 +110,7 @@ class CatalogSettings:
     log_level: str = "INFO"
     grace_seconds: float = 20.0
     max_attempts: int = 3
+    policy: Policy = field(default_factory=Policy)
     migrate_on_start: bool = True
     sweep_interval_seconds: float = 3600.0
     sweep_grace_seconds: float = 86400.0
@@ -96,6 +132,14 @@ class CatalogSettings:
             log_level=v["LOG_LEVEL"],
             grace_seconds=v["GRACE_SECONDS"],
             max_attempts=v["MAX_ATTEMPTS"],
+            policy=Policy(
+                max_attempts=v["MAX_ATTEMPTS"],
+                retry_base_s=v["RETRY_BASE_S"],
+                retry_max_s=v["RETRY_MAX_S"],
+                transient_budget_s=v["TRANSIENT_BUDGET_S"],
+                queue_deadline_s=v["QUEUE_DEADLINE_S"],
+                start_lease_s=v["START_LEASE_S"],
+            ),
             migrate_on_start=v["CATALOG_MIGRATE_ON_START"],
             sweep_interval_seconds=v["SWEEP_INTERVAL_S"],
             sweep_grace_seconds=v["SWEEP_GRACE_S"],
@@ -108,7 +152,7 @@ async def serve(
     """Runs the catalog until `stop` is set, then drains and closes."""
     if settings.migrate_on_start:
         await migrate.upgrade(settings.database_url)
-    store = CatalogStore.connect(settings.database_url, settings.max_attempts)
+    store = CatalogStore.connect(settings.database_url, settings.max_attempts, settings.policy)
     try:
         async with ObjectStore(settings.s3) as objects:
             servicer = CatalogServicer(store, objects)
@@ -186,7 +230,7 @@ async def main(settings: CatalogSettings) -> None:
 
 async def sweep_once(settings: CatalogSettings, grace_seconds: float | None, dry_run: bool) -> str:
     """One sweep of unregistered result objects, for operators."""
-    store = CatalogStore.connect(settings.database_url, settings.max_attempts)
+    store = CatalogStore.connect(settings.database_url, settings.max_attempts, settings.policy)
     try:
         async with ObjectStore(settings.s3) as objects:
             grace = settings.sweep_grace_seconds if grace_seconds is None else grace_seconds

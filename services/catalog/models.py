@@ -166,6 +166,8 @@ class SiteJobRow(Base):
         UniqueConstraint("site_id", "run_id"),
         Index("ix_site_jobs_state_ready_at", "state", "ready_at"),
         Index("ix_site_jobs_run_id_state", "run_id", "state"),
+        # The deadline scan of ClaimReadySites: in-flight jobs past their deadline.
+        Index("ix_site_jobs_state_expires", "state", "claim_expires_at"),
         TABLE_OPTIONS,
     )
 
@@ -186,6 +188,12 @@ class SiteJobRow(Base):
     finished_at: Mapped[datetime | None]
     failure_class: Mapped[int] = mapped_column(SmallInteger, default=0)
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # Attempts that do not count toward MAX_ATTEMPTS (see services/catalog/lifecycle.py).
+    free_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the current run of transient failures began (None: not in one).
+    transient_since: Mapped[datetime | None]
+    # The last failed attempt's call and answer, for replays of FailSiteJob.
+    last_failure: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # Results of earlier runs of the site (before a requeue or a replaced
     # image): still registered, so the object sweep keeps them.

@@ -382,7 +382,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> catalog_pb2.StartSiteJobResponse:
         async with self._errors(context):
             decision, detail, execution_id = await self.store.start_site_job(
-                request.site_job_id, request.attempt, request.worker_id, request.execution_id
+                request.site_job_id,
+                request.attempt,
+                request.worker_id,
+                request.execution_id,
+                request.lease_seconds,
             )
             return catalog_pb2.StartSiteJobResponse(
                 decision=cast("catalog_pb2.StartDecision.ValueType", int(decision)),

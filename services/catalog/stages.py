@@ -314,5 +314,8 @@ async def reset_jobs(
         job.finished_at = None
         job.results = None
         job.provenance = None
+        # A fresh set of attempts (the number itself goes on, to fence off old tasks).
+        job.free_attempts = job.attempt
+        job.transient_since = None
         count += 1
     return count

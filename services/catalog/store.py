@@ -42,7 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from services.catalog import stages
+from services.catalog import lifecycle, stages
 from services.catalog.domain import (
     IN_FLIGHT,
     SETTLED,
@@ -197,17 +197,26 @@ def _quoted(items: Iterable[str]) -> str:
 class CatalogStore:
     """The catalog's domain operations over the database."""
 
-    def __init__(self, engine: AsyncEngine, max_attempts: int = 3) -> None:
+    def __init__(
+        self, engine: AsyncEngine, max_attempts: int = 3, policy: lifecycle.Policy | None = None
+    ) -> None:
         self.engine = engine
-        self.max_attempts = max_attempts
+        self.policy = policy or lifecycle.Policy(max_attempts=max_attempts)
+        self.max_attempts = self.policy.max_attempts
         self.changes = ChangeFeed()
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._sqlite = engine.dialect.name == "sqlite"
         self._sqlite_lock = asyncio.Lock()
 
     @classmethod
-    def connect(cls, url: str, max_attempts: int = 3, **engine_options: Any) -> CatalogStore:
-        return cls(make_engine(url, **engine_options), max_attempts)
+    def connect(
+        cls,
+        url: str,
+        max_attempts: int = 3,
+        policy: lifecycle.Policy | None = None,
+        **engine_options: Any,
+    ) -> CatalogStore:
+        return cls(make_engine(url, **engine_options), max_attempts, policy)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -347,9 +356,22 @@ class CatalogStore:
         async def work(session: AsyncSession) -> PlateInfo:
             pipeline = await self._require_pipeline(session, pipeline_sha256)
             _check_pipeline_fits(pipeline, channels, name)
-            existing = await session.scalar(select(PlateRow.id).where(PlateRow.name == name))
+            existing = await session.scalar(select(PlateRow).where(PlateRow.name == name))
             if existing is not None:
-                raise AlreadyExists(f"plate {name!r} exists already; choose another name or use GetPlate")
+                first = await session.scalar(
+                    select(RunRow.pipeline_id).where(RunRow.plate_id == existing.id, RunRow.position == 0)
+                )
+                if (
+                    list(existing.channels) == list(channels)
+                    and existing.layout == (None if layout is None else _layout_json(layout))
+                    and bool(existing.reduce_with_failures) == reduce_with_failures
+                    and first == pipeline.id
+                ):
+                    # The same request again (its reply was lost): the plate it made.
+                    return await self._plate_info(session, existing)
+                raise AlreadyExists(
+                    f"plate {name!r} exists already, with other settings; choose another name or use GetPlate"
+                )
             now = utcnow()
             plate = PlateRow(
                 name=name,
@@ -919,8 +941,10 @@ class CatalogStore:
     async def claim_ready_sites(
         self, scheduler_id: str, max_sites: int, lease_seconds: int = 0
     ) -> list[SiteClaim]:
-        """Claims up to `max_sites` READY jobs (and CLAIMED jobs whose lease ran
-        out), oldest first, each with a new attempt number."""
+        """Claims up to `max_sites` jobs, each with a new attempt number: first
+        in-flight jobs whose deadline passed (a claim never queued, a task the
+        broker lost, a worker that stopped renewing its lease), then READY
+        jobs whose not-before time has come, oldest first."""
         if not scheduler_id:
             raise InvalidArgument("scheduler_id is required (who claims, for status and logs)")
         if not 1 <= max_sites <= MAX_CLAIM_SITES:
@@ -932,26 +956,36 @@ class CatalogStore:
         async def work(session: AsyncSession) -> tuple[list[SiteClaim], set[str]]:
             now = utcnow()
             oldest_first = (SiteJobRow.ready_at, SiteJobRow.id)
-            expired = list(
-                await session.scalars(
-                    select(SiteJobRow.id)
-                    # Claims never confirmed as queued, and running sites whose
-                    # worker took a lease (acked its task early) and stopped renewing it.
+            overdue = (
+                await session.execute(
+                    select(SiteJobRow.id, SiteJobRow.state, SiteJobRow.attempt, SiteJobRow.free_attempts)
+                    # Every in-flight state has a deadline (services/catalog/lifecycle.py).
                     .where(
-                        SiteJobRow.state.in_([int(SiteState.CLAIMED), int(SiteState.RUNNING)]),
+                        SiteJobRow.state.in_([int(s) for s in IN_FLIGHT]),
                         SiteJobRow.claim_expires_at < now,
                     )
-                    .order_by(*oldest_first)
+                    .order_by(SiteJobRow.claim_expires_at, SiteJobRow.id)
                     .limit(max_sites)
                     .with_for_update(skip_locked=True)
                 )
-            )
+            ).all()
+            # A running attempt whose worker vanished counts; once every attempt
+            # went that way, the site fails instead of taking worker after worker down.
+            spent = [
+                row.id
+                for row in overdue
+                if row.state == int(SiteState.RUNNING)
+                and row.attempt - (row.free_attempts or 0) >= self.policy.max_attempts
+            ]
+            vanished = await self._fail_vanished(session, spent, now) if spent else set()
+            expired = [row.id for row in overdue if row.id not in spent]
+            free = [row.id for row in overdue if lifecycle.reissue_is_free(SiteState(row.state))]
             ready: list[int] = []
             if len(expired) < max_sites:
                 ready = list(
                     await session.scalars(
                         select(SiteJobRow.id)
-                        .where(SiteJobRow.state == int(SiteState.READY))
+                        .where(SiteJobRow.state == int(SiteState.READY), SiteJobRow.ready_at <= now)
                         .order_by(*oldest_first)
                         .limit(max_sites - len(expired))
                         .with_for_update(skip_locked=True)
@@ -959,9 +993,20 @@ class CatalogStore:
                 )
             ids = expired + ready
             if not ids:
-                return [], set()
+                return [], vanished
             if expired:
-                log.info("%d site claims expired; claiming them again", len(expired))
+                log.info(
+                    "%d site jobs passed their deadline (%d never started); issuing them again",
+                    len(expired),
+                    len(free),
+                )
+            if free:
+                await session.execute(
+                    update(SiteJobRow)
+                    .where(SiteJobRow.id.in_(free))
+                    .values(free_attempts=SiteJobRow.free_attempts + 1)
+                    .execution_options(synchronize_session=False)
+                )
             await session.execute(
                 update(SiteJobRow)
                 .where(SiteJobRow.id.in_(ids))
@@ -1065,11 +1110,34 @@ class CatalogStore:
                         input_files=_claim_inputs(run.attachments, artifacts[job.run_id]),
                     )
                 )
-            return claims, {r.name for r in runs.values()}
+            return claims, {r.name for r in runs.values()} | vanished
 
         claims, plates = await self._run(work)
         self.changes.notify(plates)
         return claims
+
+    async def _fail_vanished(self, session: AsyncSession, job_ids: list[int], now: datetime) -> set[str]:
+        plates: set[str] = set()
+        for job_id in job_ids:
+            job = await session.get(SiteJobRow, job_id)
+            assert job is not None
+            job.state = int(SiteState.FAILED)
+            job.failure_class = int(FailureClass.TIMEOUT)
+            job.failure_reason = (
+                f"attempt {job.attempt}: its worker ({job.worker_id or 'unknown'}) stopped renewing the "
+                f"lease, and so did every attempt before it ({self.policy.max_attempts} in all): "
+                "workers killed while running it (out of memory?) or cut off"
+            )
+            job.finished_at = now
+            job.claim_expires_at = None
+            log.error("site job %d failed for good: %s", job_id, job.failure_reason)
+            run = await session.get(RunRow, job.run_id)
+            assert run is not None
+            await self._bump_generation(session, run.id)
+            if job.site_id is None:
+                await self._gate_plate(session, run.plate_id, now)
+            plates.add(str(await session.scalar(select(PlateRow.name).where(PlateRow.id == run.plate_id))))
+        return plates
 
     async def _images_of_sites(
         self, session: AsyncSession, site_ids: Sequence[int]
@@ -1081,25 +1149,34 @@ class CatalogStore:
         return found
 
     async def mark_sites_queued(self, scheduler_id: str, sites: Sequence[tuple[int, int]]) -> int:
-        """CLAIMED jobs whose attempt matches go to QUEUED; returns how many."""
+        """CLAIMED jobs whose attempt matches go to QUEUED; returns how many are
+        queued at that attempt (a replay counts the jobs it queued before)."""
         if not sites:
             return 0
         wanted = dict(sites)
 
         async def work(session: AsyncSession) -> tuple[int, set[str]]:
             matched: list[int] = []
+            already = 0
             plates: set[str] = set()
             for part in chunks(sorted(wanted)):
                 rows = await session.execute(
-                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.run_id)
-                    .where(SiteJobRow.id.in_(part), SiteJobRow.state == int(SiteState.CLAIMED))
+                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.run_id, SiteJobRow.state)
+                    .where(
+                        SiteJobRow.id.in_(part),
+                        SiteJobRow.state.in_([int(SiteState.CLAIMED), int(SiteState.QUEUED)]),
+                    )
                     .with_for_update()
                 )
                 run_ids: set[int] = set()
-                for job_id, attempt, run_id in rows:
-                    if wanted[job_id] == attempt:
-                        matched.append(job_id)
-                        run_ids.add(run_id)
+                for job_id, attempt, run_id, state in rows:
+                    if wanted[job_id] != attempt:
+                        continue
+                    if state == int(SiteState.QUEUED):
+                        already += 1  # queued by this same call before: a replay
+                        continue
+                    matched.append(job_id)
+                    run_ids.add(run_id)
                 if run_ids:
                     names = await session.scalars(
                         select(PlateRow.name)
@@ -1111,10 +1188,13 @@ class CatalogStore:
                 await session.execute(
                     update(SiteJobRow)
                     .where(SiteJobRow.id.in_(part))
-                    .values(state=int(SiteState.QUEUED), claim_expires_at=None)
+                    .values(
+                        state=int(SiteState.QUEUED),
+                        claim_expires_at=lifecycle.queued_deadline(utcnow(), self.policy),
+                    )
                     .execution_options(synchronize_session=False)
                 )
-            return len(matched), plates
+            return len(matched) + already, plates
 
         marked, plates = await self._run(work)
         self.changes.notify(plates)
@@ -1137,7 +1217,7 @@ class CatalogStore:
         await stages.gate_stages(session, plate, now)
 
     async def start_site_job(
-        self, job_id: int, attempt: int, worker_id: str, execution_id: str = ""
+        self, job_id: int, attempt: int, worker_id: str, execution_id: str = "", lease_seconds: int = 0
     ) -> tuple[Decision, str, str]:
         """Tells a worker whether to run the task it received, and under which
         execution. A task redelivered while an earlier execution of the same
@@ -1145,8 +1225,11 @@ class CatalogStore:
         execution that takes the attempt over: from then on only the newest
         execution may renew, complete or fail it, so the two can never both be
         recorded, and their result keys differ. The same call replayed (same
-        execution id) gets the same answer."""
+        execution id) gets the same answer. A started job must renew its lease
+        within `lease_seconds` (0: the catalog's default), or it is issued again."""
         execution_id = _check_execution(execution_id) or secrets.token_hex(8)
+        if lease_seconds:
+            lease_seconds = _lease(lease_seconds)
 
         async def work(session: AsyncSession) -> tuple[Decision, str, str, str]:
             job, _run, plate = await self._lock_job(session, job_id)
@@ -1198,11 +1281,12 @@ class CatalogStore:
                     job.execution_id,
                     job.worker_id,
                 )
+            now = utcnow()
             job.state = int(SiteState.RUNNING)
-            job.started_at = utcnow()
+            job.started_at = now
             job.worker_id = worker_id[:200] or None
             job.execution_id = execution_id
-            job.claim_expires_at = None
+            job.claim_expires_at = lifecycle.start_deadline(now, lease_seconds, self.policy)
             return Decision.RUN, detail, execution_id, plate
 
         decision, detail, execution, plate = await self._run(work)
@@ -1276,6 +1360,7 @@ class CatalogStore:
             job.failure_class = int(FailureClass.UNSPECIFIED)
             job.failure_reason = None
             job.claim_expires_at = None
+            job.transient_since = None
             job.results = [
                 {"name": r.name, "key": r.key, "size": r.size, "sha256": r.sha256} for r in results
             ]
@@ -1309,15 +1394,19 @@ class CatalogStore:
         async def work(session: AsyncSession) -> tuple[FailResult, str]:
             job, run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
+            last = job.last_failure or {}
             if (
                 execution_id
-                and job.execution_id == execution_id
-                and attempt == job.attempt - 1
-                and state == SiteState.QUEUED
-                and job.failure_class == int(failure_class)
+                and last.get("execution") == execution_id
+                and last.get("attempt") == attempt
+                and last.get("class") == int(failure_class)
             ):
-                # A replay of the call that put this retry in place (its reply was lost).
-                return FailResult(True, job.attempt, SiteState.QUEUED), plate
+                # A replay of the call that recorded this failure (its reply was
+                # lost): the first call's answer, whatever happened since.
+                return (
+                    FailResult(bool(last["will_retry"]), int(last["next_attempt"]), SiteState(last["state"])),
+                    plate,
+                )
             if state != SiteState.DONE:
                 _check_holder(job, job_id, attempt, execution_id)
             if state in SETTLED:
@@ -1329,24 +1418,37 @@ class CatalogStore:
                     f"site job {job_id} was requeued after attempt {attempt} was issued; attempt {attempt} is stale"
                 )
             now = utcnow()
-            job.failure_class = int(failure_class)
-            job.failure_reason = reason[:10_000] or failure_class.name
+            counters = lifecycle.Counters(job.attempt, job.free_attempts or 0, job.transient_since)
+            decision = lifecycle.on_fail(
+                counters, failure_class, reason[:10_000] or failure_class.name, final, now, self.policy
+            )
+            job.failure_class = int(decision.failure_class)
+            job.failure_reason = decision.reason[:10_000]
             job.worker_id = worker_id[:200] or job.worker_id
             job.claim_expires_at = None
-            give_up = final or failure_class in (FailureClass.INPUT_PROBLEM, FailureClass.BAD_TASK)
-            if not give_up and failure_class == FailureClass.TRANSIENT:
-                job.state = int(SiteState.QUEUED)
-                return FailResult(True, job.attempt, SiteState.QUEUED), plate
-            if not give_up and job.attempt < self.max_attempts:
-                job.state = int(SiteState.QUEUED)
-                job.attempt = job.attempt + 1
-                return FailResult(True, job.attempt, SiteState.QUEUED), plate
-            job.state = int(SiteState.FAILED)
-            job.finished_at = now
-            await self._bump_generation(session, run.id)
-            if job.site_id is None:
-                await self._gate_plate(session, run.plate_id, now)
-            return FailResult(False, job.attempt, SiteState.FAILED), plate
+            job.free_attempts = decision.free_attempts
+            job.transient_since = decision.transient_since
+            job.state = int(decision.state)
+            result = FailResult(decision.will_retry, job.attempt + 1, decision.state)
+            if decision.will_retry:
+                # Back to READY with a not-before time: the scheduler issues the
+                # retry like any other ready job, with the next attempt number.
+                job.ready_at = decision.ready_at
+            else:
+                result = FailResult(False, job.attempt, SiteState.FAILED)
+                job.finished_at = now
+                await self._bump_generation(session, run.id)
+                if job.site_id is None:
+                    await self._gate_plate(session, run.plate_id, now)
+            job.last_failure = {
+                "execution": execution_id,
+                "attempt": attempt,
+                "class": int(failure_class),
+                "will_retry": result.will_retry,
+                "next_attempt": result.next_attempt,
+                "state": int(result.state),
+            }
+            return result, plate
 
         result, plate = await self._run(work)
         self.changes.notify([plate])
@@ -1440,7 +1542,8 @@ class CatalogStore:
         self, plate_name: str, pipeline_sha256: str = "", sites: Sequence[tuple[str, int]] = ()
     ) -> int:
         """Puts the given sites' jobs (default: every FAILED job) back to READY,
-        keeping their attempt so that tasks already out are skipped as stale."""
+        keeping their attempt so that tasks already out are skipped as stale.
+        A named site that is running is taken from its worker the same way."""
         keys = []
         for well, site in sites:
             keys.append((*_check(validate.parse_well, well), _check(validate.check_site, site)))
@@ -1470,9 +1573,12 @@ class CatalogStore:
             rows = (await session.execute(query)).all()
             running = [_site_label(w, s) for job, w, s in rows if job.state == int(SiteState.RUNNING)]
             if running:
-                raise FailedPrecondition(
-                    f"plate {plate.name!r}: {', '.join(running[:MAX_ERRORS_LISTED])} "
-                    f"{_plural(running, 'is', 'are')} running; wait for {_plural(running, 'it', 'them')} to finish"
+                # Freed by hand (a worker wedged on it): the attempt it runs is
+                # fenced off; its worker's next renewal is refused and it stops.
+                log.warning(
+                    "plate %s: requeueing %s while running; the running attempt is abandoned",
+                    plate.name,
+                    ", ".join(running[:MAX_ERRORS_LISTED]),
                 )
             counts = await self._channel_counts(session, [job.site_id for job, _w, _s in rows])
             complete = [job for job, _w, _s in rows if counts.get(job.site_id, 0) == len(plate.channels)]
@@ -1658,7 +1764,8 @@ class CatalogStore:
         return found is not None
 
     async def mark_runs_queued(self, scheduler_id: str, runs: Sequence[tuple[str, str, int]]) -> int:
-        """Records that reduce tasks of these (plate, pipeline, generation) are on the queue."""
+        """Records that reduce tasks of these (plate, pipeline, generation) are
+        on the queue; returns how many are (a replay counts them again)."""
 
         async def work(session: AsyncSession) -> int:
             marked = 0
@@ -1668,17 +1775,22 @@ class CatalogStore:
                 except NotFound:
                     continue
                 await session.refresh(run, with_for_update=True)
-                if run.reduce_claim_generation == generation and generation > run.reduce_queued_generation:
+                if run.reduce_claim_generation != generation:
+                    continue
+                if generation > run.reduce_queued_generation:
                     run.reduce_queued_generation = generation
                     run.reduce_claim_expires_at = None
                     marked += 1
+                elif generation == run.reduce_queued_generation:
+                    marked += 1  # queued by this same call before: a replay
             return marked
 
         return await self._run(work)
 
     async def register_report(self, report: Report) -> tuple[bool, Report]:
         """Registers a plate report with the next version of its run; the same
-        generation twice returns the first one (recorded False)."""
+        generation twice returns the first one (recorded False, unless it is
+        the same report again: a replay)."""
         _check_report(report)
 
         async def work(session: AsyncSession) -> tuple[bool, Report]:
@@ -1688,7 +1800,13 @@ class CatalogStore:
                 select(ReportRow).where(ReportRow.run_id == run.id, ReportRow.generation == report.generation)
             )
             if existing is not None:
-                return False, _report(existing, plate.name, pipeline.sha256)
+                # The same files again is a replay of the call that registered
+                # them (its reply was lost): that call's answer. Another
+                # report of the generation is told it was not recorded.
+                replay = [(f["name"], f["key"], f["sha256"]) for f in existing.files or []] == [
+                    (f.name, f.key, f.sha256) for f in report.files
+                ]
+                return replay, _report(existing, plate.name, pipeline.sha256)
             if report.generation > run.generation:
                 raise FailedPrecondition(
                     f"generation {report.generation} is ahead of plate {plate.name!r}'s run, which is at "

@@ -11,10 +11,14 @@ Topology, with prefix P (default "cellmesh"):
 
     P (direct) --sites--> P.sites (quorum, delivery limit, DLX) --> workers
                --reduce-> P.reduce (quorum, delivery limit, DLX) --> reducers
-    P.retry (direct) --sites.retry.N--> P.sites.retry.N (TTL N s, DLX back to P/sites)
-                     --reduce.retry.N-> P.reduce.retry.N (TTL N s, DLX back to P/reduce)
     P.dlx (direct) --sites--> P.sites.dead ; --reduce--> P.reduce.dead
     P.parked: messages nobody can read, kept for people to inspect.
+
+The work queues dead-letter at least once (quorum queues' `at-least-once`
+strategy, which needs `reject-publish` overflow). There are no retry queues:
+a failed site goes back to READY in the catalog with a not-before time, and
+the scheduler publishes it again like any ready site. The broker only carries
+tasks; whatever it loses, the catalog's deadlines find.
 """
 
 from __future__ import annotations
@@ -38,17 +42,9 @@ from services.common.settings import Var, positive_int
 log = logging.getLogger(__name__)
 
 
-def _delays(raw: str) -> tuple[int, ...]:
-    delays = tuple(int(x) for x in raw.split(",") if x.strip())
-    if not delays or any(d <= 0 for d in delays):
-        raise ValueError("a comma-separated list of positive seconds, e.g. 5,30,120")
-    return delays
-
-
 AMQP_VARS = (
     Var("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL"),
     Var("QUEUE_PREFIX", "cellmesh"),
-    Var("RETRY_DELAYS_S", "5,30,120", _delays, "backoff of retried tasks, seconds"),
     Var("DELIVERY_LIMIT", "5", positive_int, "deliveries before a task is dead-lettered"),
 )
 
@@ -57,7 +53,6 @@ def topology_from(values: dict[str, Any]) -> Topology:
     return Topology(
         prefix=values["QUEUE_PREFIX"],
         delivery_limit=values["DELIVERY_LIMIT"],
-        retry_delays=values["RETRY_DELAYS_S"],
     )
 
 
@@ -75,15 +70,10 @@ class Topology:
 
     prefix: str = "cellmesh"
     delivery_limit: int = 5
-    retry_delays: tuple[int, ...] = (5, 30, 120)
 
     @property
     def exchange(self) -> str:
         return self.prefix
-
-    @property
-    def retry_exchange(self) -> str:
-        return f"{self.prefix}.retry"
 
     @property
     def dead_exchange(self) -> str:
@@ -99,15 +89,6 @@ class Topology:
     @property
     def parked_queue(self) -> str:
         return f"{self.prefix}.parked"
-
-    def retry_queue(self, kind: str, delay: int) -> str:
-        return f"{self.prefix}.{kind}.retry.{delay}"
-
-    def retry_key(self, kind: str, attempt_index: int) -> str:
-        """The routing key of the delay queue for the n-th retry (0-based);
-        later retries keep the longest delay."""
-        delay = self.retry_delays[min(attempt_index, len(self.retry_delays) - 1)]
-        return f"{kind}.retry.{delay}"
 
     KINDS: tuple[str, ...] = ("sites", "reduce")
 
@@ -349,7 +330,16 @@ class AmqpConnection:
         await asyncio.wait_for(self.publish_nowait(exchange, routing_key, body, headers, message_type), 30)
 
     async def queue_depth(self, queue: str) -> int:
+        return (await self.queue_stats(queue))[0]
+
+    async def queue_stats(self, queue: str) -> tuple[int, int]:
+        """(messages ready for delivery, consumers) of a queue."""
         frame = await self._call(lambda cb: self.channel.queue_declare(queue, passive=True, callback=cb))
+        return int(frame.method.message_count), int(frame.method.consumer_count)
+
+    async def purge_queue(self, queue: str) -> int:
+        """Drops every ready message of a queue; returns how many."""
+        frame = await self._call(lambda cb: self.channel.queue_purge(queue, callback=cb))
         return int(frame.method.message_count)
 
     async def delete_queue(self, queue: str) -> None:
@@ -409,7 +399,7 @@ async def declare_topology(conn: AmqpConnection, topology: Topology) -> None:
             lambda cb: conn.channel.queue_bind(queue_name, exchange_name, routing_key=key, callback=cb)
         )
 
-    for name in (t.exchange, t.retry_exchange, t.dead_exchange):
+    for name in (t.exchange, t.dead_exchange):
         await exchange(name)
     await queue(t.parked_queue, {"x-queue-type": "quorum"})
     for kind in Topology.KINDS:
@@ -420,22 +410,13 @@ async def declare_topology(conn: AmqpConnection, topology: Topology) -> None:
                 "x-delivery-limit": t.delivery_limit,
                 "x-dead-letter-exchange": t.dead_exchange,
                 "x-dead-letter-routing-key": kind,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             },
         )
         await bind(t.queue(kind), t.exchange, kind)
         await queue(t.dead_queue(kind), {"x-queue-type": "quorum"})
         await bind(t.dead_queue(kind), t.dead_exchange, kind)
-        for delay in t.retry_delays:
-            name = t.retry_queue(kind, delay)
-            await queue(
-                name,
-                {
-                    "x-message-ttl": delay * 1000,
-                    "x-dead-letter-exchange": t.exchange,
-                    "x-dead-letter-routing-key": kind,
-                },
-            )
-            await bind(name, t.retry_exchange, f"{kind}.retry.{delay}")
 
 
 async def connect_with_backoff(

@@ -41,6 +41,17 @@ def _mode(raw: str) -> str:
     return raw
 
 
+def _work_dir(raw: str) -> str:
+    hidden = [part for part in Path(raw).expanduser().absolute().parts if part.startswith(".")]
+    if hidden:
+        raise ValueError(
+            f"its folder {hidden[0]!r} starts with '.': CellProfiler's default Images filter"
+            " ('directory doesnot containregexp [\\/]\\.') would then leave out every image of every"
+            " site; choose a folder with no hidden part"
+        )
+    return raw
+
+
 VARS = (
     *COMMON_VARS,
     *AMQP_VARS,
@@ -63,7 +74,12 @@ VARS = (
         "a site running longer takes a lease in the catalog and acks its task; keep below the broker's consumer timeout",
     ),
     Var("SITE_LEASE_S", "120", positive_int, "lease of a long site, renewed every third of it"),
-    Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-worker")),
+    Var(
+        "WORK_DIR",
+        str(Path(tempfile.gettempdir()) / "cellmesh-worker"),
+        _work_dir,
+        "the worker's folder for pipelines, images and results (no hidden part in its path)",
+    ),
     Var("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
 )
 

@@ -1,14 +1,13 @@
 """The worker's queue side: takes site tasks with manual acks, one per
 CellProfiler slot, and acks a task only once its outcome is recorded in the
-catalog (results stored and registered, or the failure recorded and any retry
-published). A redelivered task of a site already done is acked without
+catalog (results stored and registered, or the failure recorded: whether and
+when a failed site runs again is the catalog's decision). A redelivered task of a site already done is acked without
 running again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -22,13 +21,11 @@ from google.protobuf.message import DecodeError
 
 from services.common.amqp import (
     AmqpConnection,
-    BrokerUnavailable,
     Delivery,
-    PublishRefused,
     Topology,
     consume_until_stopped,
 )
-from services.common.retry import GaveUp, with_backoff
+from services.common.retry import with_backoff
 from services.cpworker.site import Failure, Phase, SiteProcessor, SiteRunner, Success
 
 log = logging.getLogger(__name__)
@@ -85,7 +82,6 @@ class SiteConsumer:
         self.stats = WorkerStats()
         self.active: dict[int, Phase] = {}
         self.draining = False
-        self._conn: AmqpConnection | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
@@ -97,9 +93,6 @@ class SiteConsumer:
         async def drain(conn: AmqpConnection, tag: str) -> None:
             await self._drain(conn, tag, grace_seconds)
 
-        def use(conn: AmqpConnection | None) -> None:
-            self._conn = conn  # retries are published on the consuming connection
-
         # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
         await consume_until_stopped(
             self.amqp_url,
@@ -110,7 +103,6 @@ class SiteConsumer:
             self._on_task,
             stop,
             on_stop=drain,
-            on_connect=use,
         )
 
     async def _drain(self, conn: AmqpConnection, tag: str, grace_seconds: float) -> None:
@@ -179,6 +171,7 @@ class SiteConsumer:
                         attempt=claim.attempt,
                         worker_id=self.worker_id,
                         execution_id=execution,
+                        lease_seconds=self.lease_seconds,
                     ),
                     timeout=30,
                 ),
@@ -351,19 +344,9 @@ class SiteConsumer:
         self.stats.sites_failed += 1
         cls_name = types_pb2.FailureClass.Name(outcome.failure_class)  # type: ignore[arg-type]
         log.warning("%s failed: %s: %s", site, cls_name, outcome.reason)
-        if outcome.failure_class == FC.FAILURE_CLASS_TRANSIENT:
-            # No attempt is counted: the same attempt goes back through a delay queue.
-            with contextlib.suppress(GaveUp, grpc.aio.AioRpcError):
-                await with_backoff(
-                    lambda: self.catalog.FailSiteJob(
-                        self._fail_request(claim, execution, outcome), timeout=10
-                    ),
-                    "recording a transient failure",
-                    give_up_after=10,
-                )
-            await self._publish_retry(claim, claim.attempt, 0)
-            delivery.ack()
-            return
+        # The catalog decides whether and when the site is tried again (READY
+        # with a not-before time); this worker only records the outcome, with
+        # the task unacked until it is recorded.
         try:
             reply = await self._catalog(
                 "recording a failed site",
@@ -376,8 +359,11 @@ class SiteConsumer:
             delivery.ack()
             return
         if reply.will_retry:  # type: ignore[attr-defined]
-            next_attempt = int(reply.next_attempt)  # type: ignore[attr-defined]
-            await self._publish_retry(claim, next_attempt, claim.attempt - 1)
+            log.info(
+                "%s will be tried again by the catalog as attempt %d",
+                site,
+                reply.next_attempt,  # type: ignore[attr-defined]
+            )
             delivery.ack()
         else:
             # Failed for good: recorded in the catalog; the task goes to the
@@ -395,24 +381,3 @@ class SiteConsumer:
             failure_class=outcome.failure_class,  # type: ignore[arg-type]
             reason=outcome.reason,
         )
-
-    async def _publish_retry(self, claim: catalog_pb2.SiteClaim, attempt: int, retry_index: int) -> None:
-        retry = catalog_pb2.SiteClaim()
-        retry.CopyFrom(claim)
-        retry.attempt = attempt
-        body = tasks_pb2.SiteTask(claim=retry, scheduler_id=f"retry by {self.worker_id}").SerializeToString()
-        conn = self._conn
-        if conn is None:
-            raise BrokerUnavailable("no broker connection to publish the retry")
-        key = self.topology.retry_key("sites", retry_index)
-        try:
-            await conn.publish(
-                self.topology.retry_exchange,
-                key,
-                body,
-                headers={"site_job_id": claim.site_job_id, "attempt": attempt},
-                message_type=SITE_TASK_TYPE,
-            )
-        except PublishRefused as exc:
-            raise BrokerUnavailable(f"retry not stored: {exc}") from exc
-        log.info("retry of site job %d (attempt %d) published to %s", claim.site_job_id, attempt, key)

@@ -1,4 +1,7 @@
-"""`python -m services.mesh demo`: the whole mesh on this machine, one plate
+"""`python -m services.mesh up|down|status`: a local mesh for your own plates,
+kept running until `down` (services/mesh/up.py).
+
+`python -m services.mesh demo`: the whole mesh on this machine, one plate
 through it, and a summary checked against the plate's ground truth.
 
 Starts the project's S3 server, the catalog (SQLite unless --database-url),
@@ -19,8 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from cellmesh.meshconfig import config_path
+
 from services.common import logs
+from services.common.settings import S3Settings
 from services.mesh.demo import DemoOptions, run_demo
+from services.mesh.up import AMQP_URL_ENV, DATABASE_URL_ENV, UpOptions, default_state_dir, down, status, up
 
 log = logging.getLogger("services.mesh")
 
@@ -66,11 +73,126 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--run-dir", type=Path, default=None, help="where logs and the report go (default var/runs/TIME)"
     )
     demo.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+
+    state_help = "where the mesh keeps its catalog, logs and pids (default: $CELLMESH_STATE_DIR, else %s)"
+    config_help = "the file the cellmesh command reads to find the mesh (default: $CELLMESH_CONFIG, else %s)"
+    up = sub.add_parser(
+        "up",
+        help="start the local mesh and keep it running",
+        description="Start the local mesh (the project's S3 server, the catalog on SQLite, the scheduler, "
+        "CellProfiler workers, the reducer) in the background and keep it running until `down`; "
+        "print where it is and write the file the cellmesh command reads.",
+    )
+    up.add_argument(
+        "--workers", type=_positive, default=1, help="CellProfiler workers (default 1; one per core at most)"
+    )
+    up.add_argument(
+        "--mode",
+        choices=("warm", "cold"),
+        default="warm",
+        help="warm CellProfiler (default) or one process per site",
+    )
+    up.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV, ""),
+        metavar="URL",
+        help="the catalog's database, e.g. mysql+asyncmy://user:password@127.0.0.1:3306/cellmesh "
+        "(default: SQLite in the state dir)",
+    )
+    up.add_argument(
+        "--amqp-url",
+        default=os.environ.get(AMQP_URL_ENV) or "amqp://guest:guest@127.0.0.1:5672/%2F",
+        metavar="URL",
+        help="RabbitMQ (default: the local one, guest/guest)",
+    )
+    up.add_argument(
+        "--s3-endpoint",
+        default=None,
+        metavar="URL",
+        help="an S3-compatible store of yours instead of the built-in one (moto, kept in the state dir at down; '' for AWS S3); "
+        "its keys come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    )
+    up.add_argument(
+        "--s3-bucket", default=None, metavar="B", help="the bucket in that store (default cellmesh)"
+    )
+    up.add_argument("--s3-region", default="us-east-1", metavar="R", help="(default us-east-1)")
+    up.add_argument("--state-dir", type=Path, default=None, help=state_help % default_state_dir())
+    up.add_argument("--config", type=Path, default=None, help=config_help % config_path())
+    up.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
+    up.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="give up starting after S seconds (600)",
+    )
+    down = sub.add_parser("down", help="stop the local mesh, every process of it")
+    down.add_argument("--state-dir", type=Path, default=None, help=state_help % default_state_dir())
+    down.add_argument("--config", type=Path, default=None, help=config_help % config_path())
+    down.add_argument(
+        "--grace", type=float, default=300.0, metavar="S",
+        help="seconds the mesh gets to stop in order (and keep the built-in store's files) before what is left is killed (300)",
+    )  # fmt: skip
+    status = sub.add_parser("status", help="what the local mesh runs, and where")
+    status.add_argument("--state-dir", type=Path, default=None, help=state_help % default_state_dir())
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} workers: give at least 1")
+    return value
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return (args.state_dir or default_state_dir()).expanduser().resolve()
+
+
+def main_local(args: argparse.Namespace) -> int:
+    """up, down, status."""
+    state_dir = _state_dir(args)
+    if args.command == "status":
+        return status(state_dir)
+    config = (args.config or config_path()).expanduser().resolve()
+    if args.command == "down":
+        return down(state_dir, config, grace=args.grace)
+    cp_python = os.environ.get("CP_PYTHON") or _read(REPO / "var" / "cp_python")
+    if not cp_python:
+        print("error: CellProfiler is not installed: run `make setup` (or set CP_PYTHON)", file=sys.stderr)
+        return 2
+    s3 = None
+    if args.s3_endpoint is not None or args.s3_bucket is not None:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if not key or not secret:
+            print(
+                "error: an external object store (--s3-endpoint/--s3-bucket) needs its keys in"
+                " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                file=sys.stderr,
+            )
+            return 2
+        s3 = S3Settings(args.s3_endpoint or None, args.s3_bucket or "cellmesh", args.s3_region, key, secret)
+    options = UpOptions(
+        state_dir=state_dir,
+        config=config,
+        cp_python=cp_python,
+        workers=args.workers,
+        mode=args.mode,
+        database_url=args.database_url,
+        amqp_url=args.amqp_url,
+        s3=s3,
+        startup_timeout=args.startup_timeout,
+    )
+    return up(options, foreground=args.foreground)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.command in ("up", "down", "status"):
+        return main_local(args)
     logs.configure("INFO", "mesh")
     run_dir = args.run_dir or REPO / "var" / "runs" / time.strftime("%Y%m%d-%H%M%S")
     cp_python = os.environ.get("CP_PYTHON") or _read(REPO / "var" / "cp_python")

@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from cellmesh.common.v1 import types_pb2
 
 from services.common import synth
 from services.common.amqp import AmqpConnection, BrokerUnavailable, Topology
-from services.common.s3 import ObjectStore
+from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
 from services.common.settings import S3Settings
 from services.mesh import microscope
 from services.mesh.procs import Proc, ProcessGroup, free_port, port_open
@@ -77,6 +78,13 @@ class DemoOptions:
     # workers in network namespaces that reach the mesh over a veth pair).
     host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # An object store of the user's (`up --s3-endpoint`): no S3 server is
+    # started and the bucket must exist or be creatable with these keys.
+    external_s3: S3Settings | None = None
+    # Where the workers keep their files (default run_dir/work).
+    work_dir: Path | None = None
+    # Called with the object store once its bucket exists, before the catalog starts.
+    prepare_store: Callable[[ObjectStore], Awaitable[object]] | None = None
 
 
 @dataclass
@@ -111,8 +119,10 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     procs = ProcessGroup(options.run_dir / "logs")
     s3_port = options.s3_port or free_port()
     host = options.host
-    s3 = S3Settings(f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local")
-    topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}", retry_delays=(2, 10, 30))
+    s3 = options.external_s3 or S3Settings(
+        f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local"
+    )
+    topology = Topology(prefix=f"cellmesh-{uuid.uuid4().hex[:8]}")
     database_url = options.database_url or f"sqlite+aiosqlite:///{options.run_dir / 'catalog.db'}"
     env = {
         "LOG_LEVEL": "INFO",
@@ -123,22 +133,29 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         "AWS_SECRET_ACCESS_KEY": s3.secret_key,
         "AMQP_URL": options.amqp_url,
         "QUEUE_PREFIX": topology.prefix,
-        "RETRY_DELAYS_S": ",".join(str(d) for d in topology.retry_delays),
         "GRPC_HOST": host,
         **options.extra_env,
     }
     mesh = Mesh(procs, "", "", s3, topology, env, host)
     try:
-        s3_proc = procs.start(
-            "s3", "services.common.s3server", {}, args=("--host", host, "--port", str(s3_port))
-        )
-        deadline = time.monotonic() + 20
-        while not port_open(host, s3_port):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the S3 server did not start:\n{s3_proc.log_tail()}")
-            await asyncio.sleep(0.1)
-        async with ObjectStore(s3) as store:
-            await store.ensure_bucket()
+        if options.external_s3 is None:
+            s3_proc = procs.start(
+                "s3", "services.common.s3server", {}, args=("--host", host, "--port", str(s3_port))
+            )
+            deadline = time.monotonic() + 20
+            while not port_open(host, s3_port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the S3 server did not start:\n{s3_proc.log_tail()}")
+                await asyncio.sleep(0.1)
+        try:
+            async with ObjectStore(s3) as store:
+                await store.ensure_bucket()
+                if options.prepare_store is not None:
+                    await options.prepare_store(store)
+        except (ObjectStoreError, ObjectMissing) as exc:
+            raise RuntimeError(
+                f"the object store {s3.endpoint_url or 'AWS S3'} (bucket {s3.bucket}) cannot be used: {exc}"
+            ) from exc
 
         catalog_port = free_port()
         catalog = procs.start(
@@ -199,7 +216,7 @@ async def start_worker(
             "GRPC_PORT": str(port),
             "CP_PYTHON": options.cp_python,
             "CP_MODE": options.mode,
-            "WORK_DIR": str(options.run_dir / "work" / f"cpworker-{index}"),
+            "WORK_DIR": str((options.work_dir or options.run_dir / "work") / f"cpworker-{index}"),
             **({"GRPC_HOST": host} if host else {}),
             **(env or {}),
         },
@@ -214,16 +231,20 @@ async def start_worker(
 async def stop_mesh(mesh: Mesh) -> None:
     await mesh.procs.stop()
     # The run's queues go with it.
-    conn = AmqpConnection(mesh.env["AMQP_URL"], mesh.topology, "cleanup")
+    await delete_topology(mesh.env["AMQP_URL"], mesh.topology)
+
+
+async def delete_topology(amqp_url: str, topology: Topology) -> None:
+    """Deletes a mesh's queues and exchanges (its prefix is its own)."""
+    conn = AmqpConnection(amqp_url, topology, "cleanup")
     with contextlib.suppress(BrokerUnavailable, TimeoutError, OSError):
         await conn.connect()
-        names = [mesh.topology.parked_queue]
+        names = [topology.parked_queue]
         for kind in Topology.KINDS:
-            names += [mesh.topology.queue(kind), mesh.topology.dead_queue(kind)]
-            names += [mesh.topology.retry_queue(kind, d) for d in mesh.topology.retry_delays]
+            names += [topology.queue(kind), topology.dead_queue(kind)]
         for name in names:
             await conn.delete_queue(name)
-        for name in (mesh.topology.exchange, mesh.topology.retry_exchange, mesh.topology.dead_exchange):
+        for name in (topology.exchange, topology.dead_exchange):
             await conn.delete_exchange(name)
     await conn.close()
 

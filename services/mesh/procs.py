@@ -122,8 +122,11 @@ class ProcessGroup:
                 code = proc.popen.returncode if proc.popen else None
                 raise RuntimeError(f"{proc.name} exited (code {code}):\n{proc.log_tail()}")
 
-    async def stop(self, grace: float = 20.0) -> None:
+    async def stop(self, grace: float = 20.0, keep: tuple[str, ...] = ()) -> None:
+        """Stops every process but those named in `keep`, last started first."""
         for proc in reversed(self.procs):
+            if proc.name in keep:
+                continue
             proc.signal(signal.SIGTERM)
             deadline = time.monotonic() + grace
             while proc.alive and time.monotonic() < deadline:

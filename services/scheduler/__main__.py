@@ -29,6 +29,15 @@ VARS = (
     Var("POLL_INTERVAL_S", "0.5", positive_float, "how often to ask the catalog for ready sites"),
     Var("CLAIM_BATCH", "500", positive_int),
     Var("CLAIM_LEASE_S", "60", positive_int, "seconds before an unconfirmed claim returns"),
+    Var(
+        "QUEUE_PER_CONSUMER",
+        "16",
+        positive_int,
+        "site tasks kept waiting on the broker per consuming worker (at least QUEUE_MIN); the rest wait in the catalog",
+    ),
+    Var(
+        "QUEUE_MIN", "16", positive_int, "site tasks kept waiting on the broker even with no worker connected"
+    ),
     Var("SCHEDULER_ID", f"{socket.gethostname()}-{os.getpid()}"),
 )
 
@@ -54,6 +63,8 @@ async def main(settings: Settings) -> None:
             poll_interval=v["POLL_INTERVAL_S"],
             batch=v["CLAIM_BATCH"],
             lease_seconds=v["CLAIM_LEASE_S"],
+            queue_per_consumer=v["QUEUE_PER_CONSUMER"],
+            queue_min=v["QUEUE_MIN"],
         )
         server = service_server(
             scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,

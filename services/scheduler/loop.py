@@ -92,6 +92,8 @@ class Scheduler:
         poll_interval: float = 0.5,
         batch: int = 500,
         lease_seconds: int = 60,
+        queue_per_consumer: int = 16,
+        queue_min: int = 16,
     ) -> None:
         self.catalog = catalog
         self.amqp_url = amqp_url
@@ -100,6 +102,8 @@ class Scheduler:
         self.poll_interval = poll_interval
         self.batch = batch
         self.lease_seconds = lease_seconds
+        self.queue_per_consumer = queue_per_consumer
+        self.queue_min = queue_min
         self.stats = SchedulerStats()
         self._conn: AmqpConnection | None = None
 
@@ -148,10 +152,22 @@ class Scheduler:
             self.stats.last_poll_at = time.time()
         return full
 
+    async def _room(self, conn: AmqpConnection) -> int:
+        """How many more site tasks the broker should hold: a bounded depth per
+        consuming worker. Sites beyond it wait in the catalog, where their
+        deadlines are kept, rather than piling up on the broker."""
+        depth, consumers = await conn.queue_stats(self.topology.queue("sites"))
+        self.stats.site_queue_depth = depth
+        return max(self.queue_min, self.queue_per_consumer * consumers) - depth
+
     async def _dispatch_sites(self, conn: AmqpConnection) -> bool:
+        room = await self._room(conn)
+        if room <= 0:
+            return False
+        wanted = min(self.batch, room)
         reply = await self.catalog.ClaimReadySites(
             catalog_pb2.ClaimReadySitesRequest(
-                scheduler_id=self.scheduler_id, max_sites=self.batch, lease_seconds=self.lease_seconds
+                scheduler_id=self.scheduler_id, max_sites=wanted, lease_seconds=self.lease_seconds
             ),
             timeout=30,
         )
@@ -202,7 +218,7 @@ class Scheduler:
                     self.stats.dispatch_lags.append(max(0.0, now - ready.ToDatetime().timestamp()))
         if failures and isinstance(failures[0], BrokerUnavailable):
             raise failures[0]
-        return len(claims) == self.batch
+        return len(claims) == wanted and wanted < room
 
     async def _mark_queued(self, confirmed: list[catalog_pb2.QueuedSite]) -> None:
         request = catalog_pb2.MarkSitesQueuedRequest(scheduler_id=self.scheduler_id, sites=confirmed)

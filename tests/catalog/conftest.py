@@ -11,7 +11,7 @@ import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 
-from services.catalog import migrate
+from services.catalog import lifecycle, migrate
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
 from services.common.s3 import ObjectStore
@@ -20,6 +20,11 @@ from services.common.settings import S3Settings
 
 if TYPE_CHECKING:
     from cellmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
+
+
+TEST_POLICY = lifecycle.Policy(
+    max_attempts=3, retry_base_s=0.01, retry_max_s=0.01, transient_delay_s=0.01, transient_max_delay_s=0.01
+)
 
 
 @dataclass
@@ -34,7 +39,8 @@ class Catalog:
 @pytest.fixture
 async def catalog(database_url: str, s3_settings: S3Settings) -> AsyncIterator[Catalog]:
     await migrate.upgrade(database_url)
-    store = CatalogStore.connect(database_url, max_attempts=3)
+    # Retries come due at once here; tests of the timing set their own policy.
+    store = CatalogStore.connect(database_url, policy=TEST_POLICY)
     try:
         async with ObjectStore(s3_settings) as objects:
             await objects.ensure_bucket()

@@ -135,38 +135,55 @@ async def test_bad_results_are_refused(catalog: Catalog) -> None:
     assert (await site(catalog)).state == types_pb2.SITE_STATE_RUNNING
 
 
+async def claim_due(catalog: Catalog, timeout: float = 3.0) -> catalog_pb2.SiteClaim:
+    """The one site whose retry comes due (the test policy's delays are tiny)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        claims = await claim_all(catalog.stub)
+        if claims:
+            (claim,) = claims
+            return claim
+        assert asyncio.get_running_loop().time() < deadline, "no retry came due"
+        await asyncio.sleep(0.02)
+
+
 async def test_failures_retry_up_to_max_attempts(catalog: Catalog) -> None:
     claim = await one_site(catalog)
     job = claim.site_job_id
     await start(catalog, job, 1)
     transient = await fail(catalog, job, 1, FC.FAILURE_CLASS_TRANSIENT, "object store unreachable")
+    # The catalog retries it: READY again, issued with the next attempt, free of charge.
     assert (transient.will_retry, transient.next_attempt, transient.state) == (
         True,
-        1,
-        types_pb2.SITE_STATE_QUEUED,
+        2,
+        types_pb2.SITE_STATE_READY,
     )
-    assert (await start(catalog, job, 1)).decision == RUN
-    retry = await fail(catalog, job, 1, FC.FAILURE_CLASS_CP_PROBLEM, "module IdentifyPrimaryObjects failed")
-    assert (retry.will_retry, retry.next_attempt, retry.state) == (True, 2, types_pb2.SITE_STATE_QUEUED)
-    queued = await site(catalog)
-    assert queued.attempt == 2 and queued.failure_class == FC.FAILURE_CLASS_CP_PROBLEM
-    assert queued.failure_reason == "module IdentifyPrimaryObjects failed"
+    assert (await claim_due(catalog)).attempt == 2
     assert (await start(catalog, job, 1)).decision == SKIP_STALE
     assert (await start(catalog, job, 2)).decision == RUN
-    retry = await fail(catalog, job, 2, FC.FAILURE_CLASS_TIMEOUT, "ran 600 s")
-    assert (retry.will_retry, retry.next_attempt) == (True, 3)
+    retry = await fail(catalog, job, 2, FC.FAILURE_CLASS_CP_PROBLEM, "module IdentifyPrimaryObjects failed")
+    assert (retry.will_retry, retry.next_attempt, retry.state) == (True, 3, types_pb2.SITE_STATE_READY)
+    waiting = await site(catalog)
+    assert waiting.attempt == 2 and waiting.failure_class == FC.FAILURE_CLASS_CP_PROBLEM
+    assert waiting.failure_reason == "module IdentifyPrimaryObjects failed"
+    assert (await claim_due(catalog)).attempt == 3
     assert (await start(catalog, job, 3)).decision == RUN
+    retry = await fail(catalog, job, 3, FC.FAILURE_CLASS_TIMEOUT, "ran 600 s")
+    assert (retry.will_retry, retry.next_attempt) == (True, 4)
+    assert (await claim_due(catalog)).attempt == 4
+    assert (await start(catalog, job, 4)).decision == RUN
+    # The third charged failure (the transient one was free) is the last.
     last = await fail(
-        catalog, job, 3, FC.FAILURE_CLASS_OUTPUT_PROBLEM, "expected table Nuclei.csv is missing"
+        catalog, job, 4, FC.FAILURE_CLASS_OUTPUT_PROBLEM, "expected table Nuclei.csv is missing"
     )
-    assert (last.will_retry, last.next_attempt, last.state) == (False, 3, types_pb2.SITE_STATE_FAILED)
+    assert (last.will_retry, last.next_attempt, last.state) == (False, 4, types_pb2.SITE_STATE_FAILED)
     failed = await site(catalog)
     assert (
         failed.state == types_pb2.SITE_STATE_FAILED
         and failed.failure_class == FC.FAILURE_CLASS_OUTPUT_PROBLEM
     )
     assert failed.failure_reason == "expected table Nuclei.csv is missing" and failed.HasField("finished_at")
-    reply = await start(catalog, job, 3)
+    reply = await start(catalog, job, 4)
     assert reply.decision == SKIP_STALE and "failed for good" in reply.detail
 
 
@@ -197,8 +214,6 @@ async def test_requeue(catalog: Catalog) -> None:
         await start(catalog, claim.site_job_id, 1)
     await fail(catalog, a.site_job_id, 1, FC.FAILURE_CLASS_INPUT_PROBLEM, "unreadable")
     await run_to_done(catalog.stub, b)
-    with refused(PRECONDITION, f"{c.site.well} site 0 is running; wait for it to finish"):
-        await catalog.stub.RequeueSites(catalog_pb2.RequeueSitesRequest(plate="P1", sites=[c.site]))
     with refused(grpc.StatusCode.NOT_FOUND, "plate 'P1' has no H01 site 0"):
         await catalog.stub.RequeueSites(
             catalog_pb2.RequeueSitesRequest(
@@ -356,9 +371,8 @@ async def one_site_more(catalog: Catalog) -> catalog_pb2.SiteClaim:
 
 
 async def test_a_replayed_fail_or_complete_gets_the_first_calls_outcome(catalog: Catalog) -> None:
-    """A call whose reply was lost is retried by the worker: the replay must
-    not turn a recorded retry into a refusal (the worker would then publish no
-    retry and the site would wait forever)."""
+    """A call whose reply was lost is retried by the worker: the replay gets
+    the first call's answer, even after the retry was issued."""
     claim = await one_site(catalog)
     job = claim.site_job_id
     await catalog.stub.StartSiteJob(
@@ -373,7 +387,9 @@ async def test_a_replayed_fail_or_complete_gets_the_first_calls_outcome(catalog:
         execution_id="e1",
     )
     first = await catalog.stub.FailSiteJob(request)
-    assert first.will_retry and first.next_attempt == 2 and first.state == types_pb2.SITE_STATE_QUEUED
+    assert first.will_retry and first.next_attempt == 2 and first.state == types_pb2.SITE_STATE_READY
+    assert await catalog.stub.FailSiteJob(request) == first
+    assert (await claim_due(catalog)).attempt == 2
     assert await catalog.stub.FailSiteJob(request) == first
     # Another execution's late failure of attempt 1 is still stale.
     with refused(PRECONDITION, "attempt 1 is stale, site is at attempt 2"):

@@ -171,8 +171,12 @@ async def test_reduce_claims_once_and_versions_after_a_rerun(catalog: Catalog) -
 
     first = await register_report(catalog, run)
     assert first.recorded and first.report.version == 1 and first.report.generation == 2
-    duplicate = await register_report(catalog, run)
-    assert not duplicate.recorded and duplicate.report == first.report
+    replay = await register_report(catalog, run)
+    assert replay.recorded and replay.report == first.report  # the same call again
+    other = report(run)
+    other.files[0].object.key = other.files[0].object.key.replace("Nuclei", "Other")
+    duplicate = await catalog.stub.RegisterPlateReport(catalog_pb2.RegisterPlateReportRequest(report=other))
+    assert not duplicate.recorded and duplicate.report == first.report  # another reducer's: not recorded
     assert (await progress(catalog)).complete
     assert await claim_runs(catalog) == []
 

@@ -16,8 +16,9 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cellmesh import meshconfig
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.client import (
     DEFAULT_CATALOG,
@@ -39,14 +41,23 @@ from cellmesh.client import (
 from cellmesh.common.v1 import types_pb2
 
 ENVIRONMENT = """\
-environment:
+where the mesh is (a flag, else the environment, else the file `cellmesh up` writes):
   CELLMESH_CATALOG       the catalog's address (default 127.0.0.1:50051)
   CELLMESH_REDUCER       the reducer's address (default 127.0.0.1:50054)
   S3_ENDPOINT_URL        the object store (empty for AWS S3)
   S3_BUCKET              the mesh's bucket (default cellmesh)
   S3_REGION              (default us-east-1)
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
-                         object store keys (else the usual AWS configuration)
+                         object store keys (else the usual AWS configuration);
+                         any S3_* or AWS_* variable set: the object store comes
+                         from the environment alone
+  CELLMESH_CONFIG        the file `cellmesh up` writes (default
+                         $XDG_CONFIG_HOME/cellmesh/mesh.json, ~/.config/cellmesh/mesh.json)
+
+a local mesh on this machine (needs the services, i.e. a clone's .venv):
+  cellmesh up [--workers N] [--database-url URL] [--s3-endpoint URL --s3-bucket B]
+  cellmesh status
+  cellmesh down
 """
 
 
@@ -169,7 +180,7 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
         raise CellmeshError(grpc.StatusCode.INVALID_ARGUMENT, f"no such file to attach: {', '.join(missing)}")
     big = any(path.stat().st_size > MAX_INLINE_ATTACHMENT_BYTES for _, path in attachments)
     if big:
-        async with ObjectStore(ObjectStoreConfig.from_env()) as store:
+        async with ObjectStore(ObjectStoreConfig.discover()) as store:
             reply = await client.register_pipeline(
                 Path(args.file),
                 args.name,
@@ -306,7 +317,7 @@ async def cmd_ingest(client: CellmeshClient, args: argparse.Namespace, out: Text
     folder = Path(args.folder)
     if not await asyncio.to_thread(folder.is_dir):
         raise CellmeshError(grpc.StatusCode.NOT_FOUND, f"{folder} is not a folder")
-    async with ObjectStore(ObjectStoreConfig.from_env(), max_connections=max(10, args.concurrency)) as store:
+    async with ObjectStore(ObjectStoreConfig.discover(), max_connections=max(10, args.concurrency)) as store:
         ingester = Ingester(
             client,
             store,
@@ -391,7 +402,7 @@ async def cmd_follow(client: CellmeshClient, args: argparse.Namespace, out: Text
             grpc.StatusCode.UNAVAILABLE, "the progress stream ended before a report was registered"
         )
     report = await client.report(plate.name, last.report_version, last.pipeline_sha256)
-    _print_report(report, ObjectStoreConfig.from_env().bucket, out)
+    _print_report(report, ObjectStoreConfig.discover().bucket, out)
     print(f"fetch it with: cellmesh report {plate.name} --version {report.version} --out DIR", file=out)
 
 
@@ -422,7 +433,7 @@ async def cmd_requeue(client: CellmeshClient, args: argparse.Namespace, out: Tex
 
 async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
     report = await client.report(args.plate, args.version, args.pipeline or "")
-    config = ObjectStoreConfig.from_env()
+    config = ObjectStoreConfig.discover()
     async with ObjectStore(config) as store:
         files = await download_report(store, report, Path(args.out))
     _print_report(report, config.bucket, out)
@@ -433,7 +444,7 @@ async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: Text
 
 async def cmd_reduce(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
     report = await client.reduce_now(args.plate, args.pipeline or "", args.feature or [])
-    _print_report(report, ObjectStoreConfig.from_env().bucket, out)
+    _print_report(report, ObjectStoreConfig.discover().bucket, out)
 
 
 # Arguments
@@ -450,17 +461,21 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     )
     root.add_argument(
         "--catalog",
-        default=env.get("CELLMESH_CATALOG") or DEFAULT_CATALOG,
+        default=env.get("CELLMESH_CATALOG") or None,
         metavar="ADDR",
-        help="the catalog's host:port (default: %(default)s)",
+        help="the catalog's host:port (default: CELLMESH_CATALOG, else the mesh `cellmesh up` "
+        f"started, else {DEFAULT_CATALOG})",
     )
     root.add_argument(
         "--reducer",
-        default=env.get("CELLMESH_REDUCER") or DEFAULT_REDUCER,
+        default=env.get("CELLMESH_REDUCER") or None,
         metavar="ADDR",
-        help="the reducer's host:port, for `reduce` (default: %(default)s)",
+        help="the reducer's host:port, for `reduce` (default: CELLMESH_REDUCER, else the mesh "
+        f"`cellmesh up` started, else {DEFAULT_REDUCER})",
     )
     commands = root.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in MESH_COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
 
     pipeline = commands.add_parser("pipeline", help="register and list CellProfiler pipelines")
     pipeline_cmds = pipeline.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -590,7 +605,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p = commands.add_parser("requeue", help="run failed (or given) sites again")
     p.add_argument("plate", metavar="PLATE")
     p.add_argument(
-        "--site", action="append", metavar="WELL/SITE", help="e.g. A01/0 (repeat; default: every failed site)"
+        "--site",
+        action="append",
+        metavar="WELL/SITE",
+        help="e.g. A01/0 (repeat; default: every failed site); a running site is taken from its worker",
     )
     p.add_argument("--pipeline", metavar="SHA", help="the pipeline (default: the plate's first)")
     p.set_defaults(run=cmd_requeue)
@@ -612,6 +630,58 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     return root
 
 
+#: The local mesh's commands, run by `python -m services.mesh` (the services' package).
+MESH_COMMANDS = {
+    "up": "start a local mesh on this machine and keep it running (`cellmesh up --help`)",
+    "down": "stop the local mesh `cellmesh up` started",
+    "status": "what the local mesh runs, and where",
+}
+
+
+def run_mesh_command(argv: Sequence[str]) -> int:
+    """`cellmesh up|down|status ...`: runs `python -m services.mesh ...` with
+    this interpreter, which must have the services installed (a clone's .venv)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("services.mesh.up") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return _error(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"`cellmesh {argv[0]}` needs the cellmesh services, which are not installed with {sys.executable}:"
+            " run it from a clone of the repository (`make setup`, then `.venv/bin/cellmesh "
+            f"{argv[0]}`), or start the services as docs/operations.md says",
+        )
+    proc = subprocess.Popen([sys.executable, "-m", "services.mesh", *argv])
+    # Ctrl-C reaches both processes; the mesh stops itself in order, so this
+    # one must not interrupt it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resolve_addresses(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> str:
+    """Fills in `args.catalog` and `args.reducer` not given by a flag or the
+    environment from the file `cellmesh up` wrote, else the defaults; returns
+    that file's path when it was used ("" otherwise)."""
+    used = ""
+    if not args.catalog or not args.reducer:
+        mesh = meshconfig.load(env)
+        if mesh is not None:
+            if not args.catalog and mesh.catalog:
+                args.catalog, used = mesh.catalog, str(mesh.path)
+            if not args.reducer and mesh.reducer:
+                args.reducer = mesh.reducer
+                used = used or (str(mesh.path) if args.command == "reduce" else "")
+    args.catalog = args.catalog or DEFAULT_CATALOG
+    args.reducer = args.reducer or DEFAULT_REDUCER
+    return used
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> None:
     reducer = args.reducer if args.command == "reduce" else None
     async with CellmeshClient(args.catalog, reducer) as client:
@@ -625,11 +695,24 @@ def _error(code: grpc.StatusCode, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns the exit status (0, 1 on an error, 130 when interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MESH_COMMANDS:
+        return run_mesh_command(argv)
     args = build_parser().parse_args(argv)
     out: Any = sys.stdout
+    from_file = ""
     try:
+        from_file = resolve_addresses(args)
         asyncio.run(_run(args, out))
+    except meshconfig.MeshConfigError as exc:
+        return _error(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except CellmeshError as exc:
+        if exc.code == grpc.StatusCode.UNAVAILABLE and from_file:
+            return _error(
+                exc.code,
+                f"{exc.message} (the address comes from {from_file}, written by `cellmesh up`:"
+                " is that mesh still running? `cellmesh status` says)",
+            )
         return _error(exc.code, exc.message)
     except ValueError as exc:
         return _error(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -461,6 +461,19 @@ class ObjectStoreConfig:
             secret_key=source.get("AWS_SECRET_ACCESS_KEY") or None,
         )
 
+    @classmethod
+    def discover(cls, env: Mapping[str, str] | None = None) -> ObjectStoreConfig:
+        """The environment (`from_env`) when any of its S3 variables is set,
+        else the object store of the mesh `cellmesh up` started (its file,
+        see `cellmesh.meshconfig`), else the defaults."""
+        from cellmesh import meshconfig
+
+        source = os.environ if env is None else env
+        if meshconfig.s3_from_environment(source):
+            return cls.from_env(source)
+        mesh = meshconfig.load(source)
+        return cls.from_env(mesh.s3_env() if mesh is not None else source)
+
 
 @dataclass(frozen=True)
 class StoredObject:

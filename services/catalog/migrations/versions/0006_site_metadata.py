@@ -3,7 +3,7 @@ Timepoint or Compound), which pipelines see as Metadata_<name>; pipelines
 keep the metadata keys their Groups module groups by.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0007
 Create Date: 2026-12-03 19:20:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

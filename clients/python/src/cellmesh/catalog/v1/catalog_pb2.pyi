@@ -1301,6 +1301,7 @@ class StartSiteJobRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     site_job_id: _builtins.int
     """The site job."""
     attempt: _builtins.int
@@ -1315,6 +1316,11 @@ class StartSiteJobRequest(_message.Message):
     the same call with the same id returns the same decision. Empty: the
     catalog picks one and returns it.
     """
+    lease_seconds: _builtins.int
+    """How long the started attempt holds without a renewal (5 to 3600 s): the
+    worker renews within it (RenewSiteLease), or the catalog issues the site
+    again with a new attempt. 0: the catalog's START_LEASE_S.
+    """
     def __init__(
         self,
         *,
@@ -1322,10 +1328,11 @@ class StartSiteJobRequest(_message.Message):
         attempt: _builtins.int = ...,
         worker_id: _builtins.str = ...,
         execution_id: _builtins.str = ...,
+        lease_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "lease_seconds", b"lease_seconds", "site_job_id", b"site_job_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1601,9 +1608,12 @@ class FailSiteJobResponse(_message.Message):
     NEXT_ATTEMPT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     will_retry: _builtins.bool
-    """True if the site will be tried again (back to QUEUED with a new attempt)."""
+    """True if the site will be tried again: it is READY again with a
+    not-before time (backoff with jitter), and the scheduler issues it with
+    the next attempt. Nothing is for the worker to publish.
+    """
     next_attempt: _builtins.int
-    """The attempt number to publish the retry with."""
+    """The attempt number the retry will carry."""
     state: _types_pb2.SiteState.ValueType
     """The state after the call."""
     def __init__(
@@ -2383,7 +2393,10 @@ class RegisterPlateReportResponse(_message.Message):
     RECORDED_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
     recorded: _builtins.bool
-    """True if this call registered it, false if this generation was there already."""
+    """True if the report stored is this call's (a replay of the call that
+    registered it answers true again); false if another report of this
+    generation was there already (then the caller's files are not registered).
+    """
     @_builtins.property
     def report(self) -> Global___PlateReport:
         """The report as stored, with its version."""
