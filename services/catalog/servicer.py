@@ -226,6 +226,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     scope=scope,
                     scope_reasons=scope_reasons,
                     stage_inputs=stage_inputs,
+                    group_by=cppipe.grouping_keys(parsed),
                 ),
                 size=len(content),
             )
@@ -346,6 +347,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     sha256=i.object.sha256,
                     file_name=i.file_name,
                     replace=i.replace,
+                    metadata=dict(i.metadata),
                 )
                 for i in request.images
             ]
@@ -613,6 +615,7 @@ def _pipeline(p: d.PipelineInfo) -> catalog_pb2.Pipeline:
         created_at=_ts(p.created_at),
         scope=_scope(p.scope),
         scope_reasons=p.scope_reasons,
+        group_by=p.group_by,
     )
 
 
@@ -654,6 +657,7 @@ def _image(i: d.ImageInfo) -> catalog_pb2.Image:
         object=types_pb2.ObjectRef(key=i.key, size=i.size, sha256=i.sha256),
         file_name=i.file_name,
         registered_at=_ts(i.registered_at),
+        metadata=dict(i.metadata),
     )
 
 
@@ -726,6 +730,7 @@ def _site_job(j: d.SiteJobInfo) -> catalog_pb2.SiteJob:
         results=_result_files(j.results),
         provenance=None if j.provenance is None else _provenance(j.provenance),
         scope=_scope(j.scope),
+        metadata=dict(j.metadata),
     )
 
 
