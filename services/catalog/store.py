@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from cellmesh import keys
 from sqlalchemy import Table, event, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -86,9 +87,13 @@ from services.catalog.models import (
     SiteRow,
 )
 from services.common import validate
+from services.common.backoff import Backoff
 from services.common.validate import Invalid
 
 log = logging.getLogger(__name__)
+
+# Deadlocked units of work are retried at once, a little apart (jittered).
+DEADLOCK_BACKOFF = Backoff(first_delay=0.01, max_delay=0.1)
 
 T = TypeVar("T")
 
@@ -254,7 +259,7 @@ class CatalogStore:
             except (OperationalError, InterfaceError, PoolTimeout) as exc:
                 if attempt <= retries and self._retryable(exc):
                     log.info("retrying a unit of work after %s", _short(exc))
-                    await asyncio.sleep(0.01 * attempt)
+                    await asyncio.sleep(DEADLOCK_BACKOFF.delay(attempt))
                     continue
                 if isinstance(exc, OperationalError) and self._retryable(exc):
                     raise Unavailable(f"the catalog database is busy ({_short(exc)}); retry") from exc
@@ -306,6 +311,7 @@ class CatalogStore:
                 stage_inputs=list(info.stage_inputs) or None,
                 scope=int(info.scope),
                 scope_reasons=list(info.scope_reasons),
+                group_by=list(info.group_by) or None,
             )
             session.add(row)
             await session.flush()
@@ -604,9 +610,14 @@ class CatalogStore:
         return everything
 
     async def _insert_sites(
-        self, session: AsyncSession, plate_id: int, sites: Sequence[tuple[int, int, int]]
+        self,
+        session: AsyncSession,
+        plate_id: int,
+        sites: Sequence[tuple[int, int, int]],
+        metadata: dict[tuple[int, int, int], dict[str, str]] | None = None,
     ) -> dict[tuple[int, int, int], int]:
-        """Inserts (row, column, site) sites; returns their ids."""
+        """Inserts (row, column, site) sites, with their metadata if given;
+        returns their ids."""
         ids: dict[tuple[int, int, int], int] = {}
         for part in chunks(sites, 5000):
             rows = [
@@ -616,6 +627,7 @@ class CatalogStore:
                     "well_col": c,
                     "site": s,
                     "well": validate.well_name(r, c),
+                    "metadata": (metadata or {}).get((r, c, s)) or None,
                 }
                 for r, c, s in part
             ]
@@ -703,6 +715,14 @@ class CatalogStore:
             for site_id, channel, image_id, sha in rows:
                 existing[site_id][channel] = (image_id, sha)
 
+        known_metadata: dict[int, dict[str, str]] = {}
+        for part in chunks(list(site_ids.values())):
+            for site_id, meta in await session.execute(
+                select(SiteRow.id, SiteRow.site_metadata).where(SiteRow.id.in_(part))
+            ):
+                known_metadata[site_id] = dict(meta or {})
+        metadata = _site_metadata(plate.name, images, parsed, indexes, site_ids, known_metadata)
+
         # Decide every image before writing anything.
         conflicts: list[str] = []
         first_in_batch: dict[tuple[int, int, int, str], int] = {}
@@ -755,8 +775,17 @@ class CatalogStore:
             )
 
         # Write.
-        new_ids = await self._insert_sites(session, plate.id, new_keys) if new_keys else {}
+        new_ids = await self._insert_sites(session, plate.id, new_keys, metadata) if new_keys else {}
         site_ids.update(new_ids)
+        for key, meta in metadata.items():
+            site_id = site_ids[key]
+            if site_id not in new_ids.values() and meta != known_metadata.get(site_id, {}):
+                await session.execute(
+                    update(SiteRow)
+                    .where(SiteRow.id == site_id)
+                    .values(site_metadata=meta)
+                    .execution_options(synchronize_session=False)
+                )
         if creates:
             image_rows = [
                 {
@@ -874,7 +903,14 @@ class CatalogStore:
             plate = await self._require_plate(session, plate_name)
             order = (SiteRow.well_row, SiteRow.well_col, SiteRow.site, ImageRow.channel)
             query = (
-                select(SiteRow.well, SiteRow.site, ImageRow, SiteRow.well_row, SiteRow.well_col)
+                select(
+                    SiteRow.well,
+                    SiteRow.site,
+                    ImageRow,
+                    SiteRow.well_row,
+                    SiteRow.well_col,
+                    SiteRow.site_metadata,
+                )
                 .join(ImageRow, ImageRow.site_id == SiteRow.id)
                 .where(SiteRow.plate_id == plate.id)
                 .order_by(*order)
@@ -896,12 +932,13 @@ class CatalogStore:
                     img.sha256,
                     img.file_name,
                     img.registered_at,
+                    dict(meta or {}),
                 )
-                for w, s, img, _r, _c in rows[:size]
+                for w, s, img, _r, _c, meta in rows[:size]
             ]
             token = ""
             if len(rows) > size:
-                w, s, img, r, c = rows[size - 1]
+                w, s, img, r, c, _meta = rows[size - 1]
                 token = _encode_token([r, c, s, img.channel])
             return images, token
 
@@ -1058,6 +1095,7 @@ class CatalogStore:
                         i.sha256,
                         i.file_name,
                         i.registered_at,
+                        dict(sites[sid].site_metadata or {}),
                     )
                     for sid in covered
                     for i in sorted(images.get(sid, []), key=lambda i: order.get(i.channel, len(order)))
@@ -1307,6 +1345,7 @@ class CatalogStore:
         async def work(session: AsyncSession) -> tuple[bool, str]:
             job, run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
+            await self._check_result_scope(session, job, run, plate, results)
             _check_holder(job, job_id, attempt, execution_id)
             if state == SiteState.DONE:
                 # The same execution again is a replay of the call that recorded it.
@@ -1343,6 +1382,23 @@ class CatalogStore:
         recorded, plate = await self._run(work)
         self.changes.notify([plate])
         return recorded
+
+    async def _check_result_scope(
+        self, session: AsyncSession, job: SiteJobRow, run: RunRow, plate: str, results: Sequence[ResultFile]
+    ) -> None:
+        """A result must lie under its own site's (or plate stage's) prefix."""
+        sha = str(await session.scalar(select(PipelineRow.sha256).where(PipelineRow.id == run.pipeline_id)))
+        if job.site_id is None:
+            scope = keys.stage_results(plate, sha)
+        else:
+            site = await session.get(SiteRow, job.site_id)
+            assert site is not None
+            scope = keys.site_results(plate, sha, site.well, site.site)
+        stray = [r for r in results if keys.outside(r.key, scope)]
+        if stray:
+            raise _invalid(
+                [f"result {r.name!r} key {r.key!r} lies outside its site's results {scope}…" for r in stray]
+            )
 
     async def fail_site_job(
         self,
@@ -1481,7 +1537,14 @@ class CatalogStore:
                     f"page_token belongs to another plate or pipeline than plate {plate.name!r} "
                     f"pipeline {pipeline.sha256[:12]}; start again without a page_token"
                 )
-            columns = (SiteJobRow, SiteRow.well, SiteRow.site, SiteRow.well_row, SiteRow.well_col)
+            columns = (
+                SiteJobRow,
+                SiteRow.well,
+                SiteRow.site,
+                SiteRow.well_row,
+                SiteRow.well_col,
+                SiteRow.site_metadata,
+            )
             if pipeline.scope == int(Scope.PLATE):
                 # A plate stage's one job has no site.
                 query = select(*columns).outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
@@ -1516,11 +1579,16 @@ class CatalogStore:
             scope = Scope(pipeline.scope or Scope.SITE)
             jobs = [
                 _job_info(
-                    job, SiteKey(plate.name, well or "", site or 0), pipeline.sha256, with_results, scope
+                    job,
+                    SiteKey(plate.name, well or "", site or 0),
+                    pipeline.sha256,
+                    with_results,
+                    scope,
+                    dict(meta or {}),
                 )
-                for job, well, site, _r, _c in rows[:size]
+                for job, well, site, _r, _c, meta in rows[:size]
             ]
-            positions = [(r or 0, c or 0, site or 0) for _job, _w, site, r, c in rows[:size]]
+            positions = [(r or 0, c or 0, site or 0) for _job, _w, site, r, c, _m in rows[:size]]
             return SitesPage(jobs, positions, run.id, len(rows) > size)
 
         return await self._run(work)
@@ -1803,6 +1871,15 @@ class CatalogStore:
 
         async def work(session: AsyncSession) -> tuple[bool, Report]:
             plate, run, pipeline = await self._resolve_run(session, report.plate, report.pipeline_sha256)
+            scope = keys.run_reports(plate.name, pipeline.sha256)
+            stray = [f for f in report.files if keys.outside(f.key, scope)]
+            if stray:
+                raise _invalid(
+                    [
+                        f"report file {f.name!r} key {f.key!r} lies outside its run's reports {scope}…"
+                        for f in stray
+                    ]
+                )
             await session.refresh(run, with_for_update=True)
             existing = await session.scalar(
                 select(ReportRow).where(ReportRow.run_id == run.id, ReportRow.generation == report.generation)
@@ -2071,9 +2148,16 @@ def _check_images(images: Sequence[ImageIn]) -> list[tuple[int, int]]:
             if not img.channel:
                 raise Invalid("channel is required")
             validate.check_key(img.key, "object.key")
+            scope = keys.plate_images(img.plate)
+            if keys.outside(img.key, scope):
+                raise Invalid(
+                    f"object.key {img.key!r} lies outside plate {img.plate}'s images: store it under "
+                    f"{scope}… (e.g. {keys.image_key(img.plate, img.well, img.site, img.channel or 'CH', img.file_name or 'f.tif')})"
+                )
             validate.check_sha256(img.sha256, "object.sha256")
             validate.check_size(img.size, "object.size")
             validate.check_file_name(img.file_name)
+            validate.check_metadata(img.metadata)
         except Invalid as exc:
             where = f"image {n} ({img.plate or '?'} {img.well or '?'} site {img.site} {img.channel or '?'})"
             problems.append(f"{where}: {exc}")
@@ -2082,6 +2166,64 @@ def _check_images(images: Sequence[ImageIn]) -> list[tuple[int, int]]:
     if problems:
         raise _invalid(problems)
     return parsed
+
+
+def _site_metadata(
+    plate: str,
+    images: Sequence[ImageIn],
+    parsed: list[tuple[int, int]],
+    indexes: list[int],
+    site_ids: dict[tuple[int, int, int], int],
+    known: dict[int, dict[str, str]],
+) -> dict[tuple[int, int, int], dict[str, str]]:
+    """The metadata of every site the images bring any for: what the site has,
+    plus the keys it gains. Two images of the request that disagree on a key
+    are refused (INVALID_ARGUMENT), and so is a value other than the one the
+    site has (FAILED_PRECONDITION), naming the key and both values."""
+    out: dict[tuple[int, int, int], dict[str, str]] = {}
+    given_by: dict[tuple[int, int, int, str], int] = {}
+    stored_conflicts: list[str] = []
+    for i in indexes:
+        img = images[i]
+        if not img.metadata:
+            continue
+        key = (*parsed[i], img.site)
+        site_id = site_ids.get(key)
+        stored = known.get(site_id, {}) if site_id is not None else {}
+        meta = out.setdefault(key, dict(stored))
+        for name, value in sorted(img.metadata.items()):
+            earlier = given_by.get((*key, name))
+            if earlier is not None and images[earlier].metadata[name] != value:
+                raise InvalidArgument(
+                    f"images {earlier} and {i} of plate {plate!r} well {img.well} site {img.site} give "
+                    f"metadata {name} as {images[earlier].metadata[name]!r} and {value!r}: every image "
+                    "of a site must agree; fix the file names or the pattern"
+                )
+            given_by.setdefault((*key, name), i)
+            if name in stored and stored[name] != value:
+                stored_conflicts.append(
+                    f"image {i} gives plate {plate!r} well {img.well} site {img.site} metadata {name} "
+                    f"{value!r}, but the site has {stored[name]!r} from its earlier images"
+                )
+                continue
+            meta[name] = value
+    if stored_conflicts:
+        raise FailedPrecondition(
+            "; ".join(stored_conflicts[:MAX_ERRORS_LISTED])
+            + (
+                f"; and {len(stored_conflicts) - MAX_ERRORS_LISTED} more"
+                if len(stored_conflicts) > MAX_ERRORS_LISTED
+                else ""
+            )
+            + " (a site's metadata never changes: register the images under the values the site has)"
+        )
+    for meta in out.values():
+        if len(meta) > validate.MAX_METADATA_KEYS:
+            raise InvalidArgument(
+                f"plate {plate!r}: a site would have {len(meta)} metadata keys; at most "
+                f"{validate.MAX_METADATA_KEYS} are allowed"
+            )
+    return out
 
 
 def _check_against_plates(
@@ -2148,6 +2290,7 @@ def _pipeline_info(row: PipelineRow) -> PipelineInfo:
         stage_inputs=list(row.stage_inputs or []),
         scope=Scope(row.scope or Scope.SITE),
         scope_reasons=list(row.scope_reasons or []),
+        group_by=list(row.group_by or []),
     )
 
 
@@ -2196,7 +2339,12 @@ def _provenance_json(p: Provenance) -> dict[str, Any]:
 
 
 def _job_info(
-    job: SiteJobRow, site: SiteKey, sha: str, with_results: bool, scope: Scope = Scope.SITE
+    job: SiteJobRow,
+    site: SiteKey,
+    sha: str,
+    with_results: bool,
+    scope: Scope = Scope.SITE,
+    metadata: dict[str, str] | None = None,
 ) -> SiteJobInfo:
     results = [ResultFile(**r) for r in (job.results or [])] if with_results else []
     provenance = Provenance(**job.provenance) if with_results and job.provenance else None
@@ -2216,6 +2364,7 @@ def _job_info(
         provenance=provenance,
         execution_id=job.execution_id or "",
         scope=scope,
+        metadata=metadata or {},
     )
 
 
