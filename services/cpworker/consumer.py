@@ -152,6 +152,7 @@ class SiteConsumer:
             delivery.reject()
             return
         if self.draining:
+            log.warning("handing a site back to the queue (it arrived after this worker stopped taking sites)")
             delivery.requeue()
             return
         site = f"{claim.site.plate}/{claim.site.well}/s{claim.site.site} attempt {claim.attempt}"

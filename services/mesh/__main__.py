@@ -50,6 +50,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="CellProfiler workers (default: one per core)",
     )
     demo.add_argument(
+        "--autoscale",
+        type=_range,
+        default=None,
+        metavar="MIN:MAX",
+        help="scale the workers between MIN and MAX with the backlog (instead of --workers; AUTOSCALE_* settings)",
+    )
+    demo.add_argument(
         "--mode", choices=("warm", "cold"), default="warm", help="warm CellProfiler or one process per site"
     )
     demo.add_argument("--rows", type=int, default=8, help="well rows of the generated plate (8 = 96 wells)")
@@ -239,6 +246,15 @@ def main(argv: list[str]) -> int:
         amqp_url=args.amqp_url,
         shared_data=Path(os.environ.get("CELLMESH_SHARED_DATA", REPO.parent / "shared" / "data")),
     )
+    if args.autoscale is not None:
+        low, high = args.autoscale
+        try:
+            options.autoscale = AutoscaleSettings.from_env(
+                {**os.environ, "AUTOSCALE_MIN": str(low), "AUTOSCALE_MAX": str(high)}
+            )
+        except (ValueError, SettingsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         summary = asyncio.run(run_demo(options))
     except KeyboardInterrupt:
