@@ -12,7 +12,7 @@ import sys
 
 from services.catalog import app, migrate
 from services.common import logs
-from services.common.s3 import ObjectMissing, ObjectStoreError
+from services.common.s3 import ObjectMissing, ObjectStoreError, ObjectStoreMisconfigured, ObjectStoreRefused
 from services.common.settings import SettingsError, load
 
 
@@ -38,7 +38,7 @@ def run(argv: list[str]) -> int:
     if args.command == "sweep":
         try:
             print(asyncio.run(app.sweep_once(settings, args.grace_seconds, args.dry_run)))
-        except (ObjectMissing, ObjectStoreError) as exc:
+        except (ObjectMissing, ObjectStoreError, ObjectStoreMisconfigured, ObjectStoreRefused) as exc:
             sys.stderr.write(f"catalog: sweep stopped: {exc} (check S3_ENDPOINT_URL and S3_BUCKET)\n")
             return 2
         return 0

@@ -15,7 +15,7 @@ from services.catalog.lifecycle import Policy
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.sweep import sweep_periodically, sweep_results
-from services.common.s3 import ObjectStore, ObjectStoreError
+from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
 from services.common.settings import (
     COMMON_VARS,
@@ -69,7 +69,7 @@ CATALOG_VARS = (
     ),
     Var("RETRY_MAX_S", "300", positive_float, "longest retry delay of a failed site"),
     Var(
-        "TRANSIENT_BUDGET_S",
+        "SITE_TRANSIENT_BUDGET_S",
         "900",
         positive_float,
         "how long a site may keep failing transiently (store or network trouble) before it is charged as TIMEOUT",
@@ -136,7 +136,7 @@ class CatalogSettings:
                 max_attempts=v["MAX_ATTEMPTS"],
                 retry_base_s=v["RETRY_BASE_S"],
                 retry_max_s=v["RETRY_MAX_S"],
-                transient_budget_s=v["TRANSIENT_BUDGET_S"],
+                transient_budget_s=v["SITE_TRANSIENT_BUDGET_S"],
                 queue_deadline_s=v["QUEUE_DEADLINE_S"],
                 start_lease_s=v["START_LEASE_S"],
             ),
@@ -210,7 +210,7 @@ async def watch_dependencies(
                     bucket_ready = True
                 else:
                     await objects.ping()
-            except ObjectStoreError as exc:
+            except (ObjectStoreError, ObjectStoreMisconfigured) as exc:
                 problem = f"object store: {exc}"
         ok = not problem
         if ok != serving:

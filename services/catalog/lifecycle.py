@@ -119,7 +119,7 @@ def on_fail(
         failure_class = FailureClass.TIMEOUT
         reason = (
             f"transient failures for {spent:.0f} s, past the {policy.transient_budget_s:.0f} s "
-            f"budget (TRANSIENT_BUDGET_S); the last one: {reason}"
+            f"budget (SITE_TRANSIENT_BUDGET_S); the last one: {reason}"
         )
     give_up = final or failure_class in FINAL_CLASSES or job.charged >= policy.max_attempts
     if give_up:

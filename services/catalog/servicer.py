@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import grpc
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,7 +23,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.catalog import domain as d
 from services.catalog.store import CatalogStore
 from services.common import cppipe, validate
-from services.common.s3 import ChecksumMismatch, ObjectMissing, ObjectStore, ObjectStoreError, sha256_bytes
+from services.common.s3 import (
+    ChecksumMismatch,
+    ObjectMissing,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreMisconfigured,
+    ObjectStoreRefused,
+    sha256_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +54,12 @@ _CODES: dict[type[d.CatalogError], grpc.StatusCode] = {
 def pipeline_key(sha256: str) -> str:
     """Where a pipeline's .cppipe is stored in the object store (by the
     .cppipe's own SHA-256)."""
-    return f"pipelines/{sha256}.cppipe"
+    return keys.pipeline_key(sha256)
 
 
 def attachment_key(sha256: str) -> str:
     """Where an attachment is stored: by its SHA-256, once for every pipeline."""
-    return f"attachments/{sha256}"
+    return keys.attachment_key(sha256)
 
 
 MAX_ATTACHMENTS = 100
@@ -552,6 +561,10 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ObjectStoreError):
         return grpc.StatusCode.UNAVAILABLE, f"the object store does not answer ({exc}); retry"
+    if isinstance(exc, ObjectStoreMisconfigured):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"the catalog's {exc}"
+    if isinstance(exc, ObjectStoreRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     error_id = uuid.uuid4().hex[:12]
     log.exception("unexpected error %s", error_id)
     return (

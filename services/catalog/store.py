@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from cellmesh import keys
 from sqlalchemy import Table, event, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -85,9 +86,13 @@ from services.catalog.models import (
     SiteRow,
 )
 from services.common import validate
+from services.common.backoff import Backoff
 from services.common.validate import Invalid
 
 log = logging.getLogger(__name__)
+
+# Deadlocked units of work are retried at once, a little apart (jittered).
+DEADLOCK_BACKOFF = Backoff(first_delay=0.01, max_delay=0.1)
 
 T = TypeVar("T")
 
@@ -251,7 +256,7 @@ class CatalogStore:
             except (OperationalError, InterfaceError, PoolTimeout) as exc:
                 if attempt <= retries and self._retryable(exc):
                     log.info("retrying a unit of work after %s", _short(exc))
-                    await asyncio.sleep(0.01 * attempt)
+                    await asyncio.sleep(DEADLOCK_BACKOFF.delay(attempt))
                     continue
                 if isinstance(exc, OperationalError) and self._retryable(exc):
                     raise Unavailable(f"the catalog database is busy ({_short(exc)}); retry") from exc
@@ -1304,6 +1309,7 @@ class CatalogStore:
         async def work(session: AsyncSession) -> tuple[bool, str]:
             job, run, plate = await self._lock_job(session, job_id)
             state = SiteState(job.state)
+            await self._check_result_scope(session, job, run, plate, results)
             _check_holder(job, job_id, attempt, execution_id)
             if state == SiteState.DONE:
                 # The same execution again is a replay of the call that recorded it.
@@ -1340,6 +1346,23 @@ class CatalogStore:
         recorded, plate = await self._run(work)
         self.changes.notify([plate])
         return recorded
+
+    async def _check_result_scope(
+        self, session: AsyncSession, job: SiteJobRow, run: RunRow, plate: str, results: Sequence[ResultFile]
+    ) -> None:
+        """A result must lie under its own site's (or plate stage's) prefix."""
+        sha = str(await session.scalar(select(PipelineRow.sha256).where(PipelineRow.id == run.pipeline_id)))
+        if job.site_id is None:
+            scope = keys.stage_results(plate, sha)
+        else:
+            site = await session.get(SiteRow, job.site_id)
+            assert site is not None
+            scope = keys.site_results(plate, sha, site.well, site.site)
+        stray = [r for r in results if keys.outside(r.key, scope)]
+        if stray:
+            raise _invalid(
+                [f"result {r.name!r} key {r.key!r} lies outside its site's results {scope}…" for r in stray]
+            )
 
     async def fail_site_job(
         self,
@@ -1757,6 +1780,15 @@ class CatalogStore:
 
         async def work(session: AsyncSession) -> tuple[bool, Report]:
             plate, run, pipeline = await self._resolve_run(session, report.plate, report.pipeline_sha256)
+            scope = keys.run_reports(plate.name, pipeline.sha256)
+            stray = [f for f in report.files if keys.outside(f.key, scope)]
+            if stray:
+                raise _invalid(
+                    [
+                        f"report file {f.name!r} key {f.key!r} lies outside its run's reports {scope}…"
+                        for f in stray
+                    ]
+                )
             await session.refresh(run, with_for_update=True)
             existing = await session.scalar(
                 select(ReportRow).where(ReportRow.run_id == run.id, ReportRow.generation == report.generation)
@@ -2025,6 +2057,12 @@ def _check_images(images: Sequence[ImageIn]) -> list[tuple[int, int]]:
             if not img.channel:
                 raise Invalid("channel is required")
             validate.check_key(img.key, "object.key")
+            scope = keys.plate_images(img.plate)
+            if keys.outside(img.key, scope):
+                raise Invalid(
+                    f"object.key {img.key!r} lies outside plate {img.plate}'s images: store it under "
+                    f"{scope}… (e.g. {keys.image_key(img.plate, img.well, img.site, img.channel or 'CH', img.file_name or 'f.tif')})"
+                )
             validate.check_sha256(img.sha256, "object.sha256")
             validate.check_size(img.size, "object.size")
             validate.check_file_name(img.file_name)

@@ -20,12 +20,14 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cellmesh import keys
+
 from services.catalog.store import CatalogStore
 from services.common.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 
-RESULTS_PREFIX = "results/"
+RESULTS_PREFIX = keys.RESULTS
 
 
 @dataclass

@@ -36,6 +36,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from services.common.backoff import Backoff
 from services.common.retry import sleep_unless, wait_first
 from services.common.settings import Var, positive_int
 
@@ -427,8 +428,9 @@ async def connect_with_backoff(
     first_delay: float = 0.5,
     max_delay: float = 15.0,
 ) -> AmqpConnection:
-    """Connects, retrying with exponential backoff until it works or `stop` is set."""
-    delay = first_delay
+    """Connects, retrying with exponential backoff and full jitter until it
+    works or `stop` is set."""
+    delays = Backoff(first_delay, max_delay).schedule()
     while True:
         conn = AmqpConnection(url, topology, name)
         try:
@@ -437,9 +439,9 @@ async def connect_with_backoff(
         except (BrokerUnavailable, TimeoutError, OSError) as exc:
             if stop is not None and stop.is_set():
                 raise BrokerUnavailable("stopped while connecting to the broker") from exc
+            delay = delays.next()
             log.warning("broker not reachable (%s); retrying in %.1f s", exc, delay)
             await sleep_unless(stop, delay)
-            delay = min(delay * 2, max_delay)
 
 
 async def consume_until_stopped(

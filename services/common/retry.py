@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import grpc
 
+from services.common.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -57,11 +59,12 @@ async def with_backoff(
     stop: asyncio.Event | None = None,
 ) -> T:
     """Calls until it succeeds or fails with a non-transient error. Transient
-    errors are retried with exponential backoff, for at most `give_up_after`
-    seconds (forever if None) or until `stop` is set; then GaveUp."""
+    errors are retried with exponential backoff and full jitter
+    (services/common/backoff.py), for at most `give_up_after` seconds
+    (forever if None) or until `stop` is set; then GaveUp."""
     loop = asyncio.get_running_loop()
     deadline = None if give_up_after is None else loop.time() + give_up_after
-    delay = first_delay
+    delays = Backoff(first_delay, max(first_delay, max_delay)).schedule()
     attempt = 0
     while True:
         try:
@@ -70,14 +73,14 @@ async def with_backoff(
             if not transient(exc):
                 raise
             attempt += 1
-            if (deadline is not None and loop.time() + delay > deadline) or (
-                stop is not None and stop.is_set()
-            ):
+            delay = delays.next()
+            if deadline is not None and loop.time() < deadline:
+                delay = min(delay, deadline - loop.time())
+            if (deadline is not None and loop.time() >= deadline) or (stop is not None and stop.is_set()):
                 raise GaveUp(f"{what}: still failing after {attempt} tries: {exc}") from exc
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("%s failed (%s); retrying with backoff", what, _short(exc))
             await sleep_unless(stop, delay)
-            delay = min(delay * 2, max_delay)
 
 
 def _short(exc: BaseException) -> str:

@@ -75,6 +75,12 @@ VARS = (
     ),
     Var("SITE_LEASE_S", "120", positive_int, "lease of a long site, renewed every third of it"),
     Var(
+        "PROBE_INTERVAL_S",
+        "15",
+        positive_float,
+        "how often a worker whose object store cannot be used probes it",
+    ),
+    Var(
         "WORK_DIR",
         str(Path(tempfile.gettempdir()) / "cellmesh-worker"),
         _work_dir,
@@ -120,6 +126,7 @@ async def main(v: dict[str, Any]) -> None:
             v["WORKER_ID"],
             ack_early_after=v["ACK_EARLY_AFTER_S"],
             lease_seconds=v["SITE_LEASE_S"],
+            probe_interval=v["PROBE_INTERVAL_S"],
         )
         servicer = WorkerStatusServicer(consumer, v["CP_MODE"], "")
         server = service_server(
@@ -140,7 +147,10 @@ async def main(v: dict[str, Any]) -> None:
                 v["CP_MODE"],
                 len(runners),
             )
-            await server.set_serving(True)
+            # SERVING only while the object store can be used (the consumer
+            # says so, and probes it when it cannot).
+            consumer.on_serving(server.set_serving)
+            await consumer.check_store()
             await consumer.run(stop, v["SITE_TIMEOUT_S"])
         finally:
             await server.stop()

@@ -1,8 +1,13 @@
 """The worker's queue side: takes site tasks with manual acks, one per
 CellProfiler slot, and acks a task only once its outcome is recorded in the
 catalog (results stored and registered, or the failure recorded: whether and
-when a failed site runs again is the catalog's decision). A redelivered task of a site already done is acked without
-running again.
+when a failed site runs again is the catalog's decision). A redelivered task
+of a site already done is acked without running again.
+
+A worker whose object store cannot be used with its settings (no such bucket,
+unknown key, access denied...) hands the task back unrun (no attempt charged,
+nothing recorded), goes NOT_SERVING with a message naming the setting, takes
+no task and probes the store every `probe_interval` seconds until it answers.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +32,7 @@ from services.common.amqp import (
     consume_until_stopped,
 )
 from services.common.retry import with_backoff
+from services.common.s3 import ObjectStoreMisconfigured, StoreGate
 from services.cpworker.site import Failure, Phase, SiteProcessor, SiteRunner, Success
 
 log = logging.getLogger(__name__)
@@ -66,7 +73,12 @@ class SiteConsumer:
         ack_early_after: float = 1200.0,
         lease_seconds: int = 120,
         renew_every: float | None = None,
+        probe_interval: float = 15.0,
+        on_serving: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_serving = on_serving
+        self.gate = StoreGate(processor.store, probe_interval)
+        self._pause = asyncio.Event()
         self.ack_early_after = ack_early_after
         self.lease_seconds = lease_seconds
         self.renew_every = lease_seconds / 3 if renew_every is None else renew_every
@@ -87,26 +99,63 @@ class SiteConsumer:
 
     async def run(self, stop: asyncio.Event, grace_seconds: float) -> None:
         """Consumes until `stop`; then takes no new site, lets the current ones
-        finish for up to `grace_seconds`, and hands the rest back."""
+        finish for up to `grace_seconds`, and hands the rest back. While the
+        object store cannot be used, consumes nothing and probes it."""
         self._stop = stop
 
         async def drain(conn: AmqpConnection, tag: str) -> None:
             await self._drain(conn, tag, grace_seconds)
 
-        # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
-        await consume_until_stopped(
-            self.amqp_url,
-            self.topology,
-            f"cpworker {self.worker_id}",
-            self.topology.queue("sites"),
-            2 * self.slots,
-            self._on_task,
-            stop,
-            on_stop=drain,
-        )
+        while not stop.is_set():
+            if self.store_problem:
+                await self._set_serving(False)
+                await self.gate.wait_open(stop)
+                continue
+            await self._set_serving(True)
+            pause = self._pause = asyncio.Event()
+            relay = asyncio.create_task(self._relay_stop(stop, pause))
+            try:
+                # Two tasks per CellProfiler: the second one's transfers overlap the first one's run.
+                await consume_until_stopped(
+                    self.amqp_url,
+                    self.topology,
+                    f"cpworker {self.worker_id}",
+                    self.topology.queue("sites"),
+                    2 * self.slots,
+                    self._on_task,
+                    pause,
+                    on_stop=drain,
+                )
+            finally:
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+
+    @staticmethod
+    async def _relay_stop(stop: asyncio.Event, pause: asyncio.Event) -> None:
+        await stop.wait()
+        pause.set()
+
+    def on_serving(self, callback: Callable[[bool], Awaitable[None]]) -> None:
+        """`callback(serving)` hears when the worker starts or stops taking sites (gRPC health)."""
+        self._on_serving = callback
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self._on_serving is not None:
+            await self._on_serving(serving)
+
+    @property
+    def store_problem(self) -> str:
+        """Why the worker takes no task now (the object store cannot be used); "" when it does."""
+        return self.gate.problem
+
+    async def check_store(self) -> bool:
+        """Probes the object store once (at start); False, with the reason in
+        `store_problem` and the log, if it cannot be used."""
+        return await self.gate.check()
 
     async def _drain(self, conn: AmqpConnection, tag: str, grace_seconds: float) -> None:
-        self.draining = True
+        # Stopping (SIGTERM), or pausing because the object store cannot be used.
+        self.draining = self._stop.is_set()
         await conn.cancel(tag)
         if self._inflight:
             log.info("draining: %d site(s) in progress, %.0f s to finish", len(self._inflight), grace_seconds)
@@ -155,6 +204,9 @@ class SiteConsumer:
             log.warning("handing a site back to the queue (it arrived after this worker stopped taking sites)")
             delivery.requeue()
             return
+        if self.store_problem:
+            delivery.requeue()
+            return
         site = f"{claim.site.plate}/{claim.site.well}/s{claim.site.site} attempt {claim.attempt}"
         # This handling of the delivery is an execution of its own: a
         # redelivered task whose first execution may still be alive elsewhere
@@ -195,7 +247,17 @@ class SiteConsumer:
         phase = Phase(claim)
         self.active[claim.site_job_id] = phase
         try:
-            outcome = await self._run_guarded(claim, execution, delivery, phase, site)
+            try:
+                outcome = await self._run_guarded(claim, execution, delivery, phase, site)
+            except ObjectStoreMisconfigured as exc:
+                # Not the site's fault: nothing recorded, no attempt charged; the
+                # task goes back for a worker whose store works (a redelivered
+                # task runs as a new execution of the same attempt).
+                log.warning("handing %s back unrun: the object store cannot be used", site)
+                delivery.requeue()
+                self.gate.close(exc)
+                self._pause.set()
+                return
             if outcome is None:
                 return
             phase.name = "registering"

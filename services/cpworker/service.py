@@ -44,4 +44,5 @@ class WorkerStatusServicer(worker_pb2_grpc.WorkerServiceServicer):
             duplicates_skipped=c.stats.duplicates_skipped,
             cellprofiler_version=self.cp_version,
             draining=c.draining,
+            not_serving_reason=c.store_problem,
         )

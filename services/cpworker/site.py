@@ -3,7 +3,9 @@ and store the outputs. Returns an outcome; never talks to the queue.
 
 Failure classes follow the field's own worker: an input problem fails the site
 at once, a transient outage is retried without counting an attempt,
-CellProfiler's own failures and time-outs are retried up to a limit.
+CellProfiler's own failures and time-outs are retried up to a limit. An object
+store that cannot be used with the worker's settings is not the site's fault:
+ObjectStoreMisconfigured propagates to the consumer, which hands the task back.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
 from services.common import cppipe
 from services.common.retry import GaveUp, with_backoff
-from services.common.s3 import ChecksumMismatch, ObjectExists, ObjectMissing, ObjectStore, ObjectStoreError
+from services.common.s3 import (
+    ChecksumMismatch,
+    ObjectExists,
+    ObjectMissing,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreRefused,
+)
 from services.cpworker.inputs import (
     InputsProblem,
     PreparedPipeline,
@@ -114,10 +124,11 @@ def result_prefix(claim: catalog_pb2.SiteClaim, execution: str) -> str:
     object; only files registered in the catalog count, and the others are
     swept (see services/catalog/sweep.py)."""
     s = claim.site
-    run = f"a{claim.attempt}-{execution}"
     if claim.scope == types_pb2.PIPELINE_SCOPE_PLATE:
-        return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/plate/{run}"
-    return f"results/{s.plate}/{claim.pipeline.sha256[:12]}/{s.well}/s{s.site}/{run}"
+        prefix = keys.stage_results(s.plate, claim.pipeline.sha256)
+    else:
+        prefix = keys.site_results(s.plate, claim.pipeline.sha256, s.well, s.site)
+    return keys.execution_results(prefix, claim.attempt, execution)
 
 
 def input_file_path(in_dir: Path, name: str) -> Path:
@@ -384,6 +395,8 @@ class SiteProcessor:
             )
         except ObjectMissing as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input missing: {exc}")
+        except ObjectStoreRefused as exc:
+            return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input not readable: {exc}")
         except ChecksumMismatch as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, f"input corrupt: {exc}")
         except GaveUp as exc:
@@ -462,7 +475,7 @@ class SiteProcessor:
             ]
         except GaveUp as exc:
             return Failure(FC.FAILURE_CLASS_TRANSIENT, str(exc))
-        except ObjectExists as exc:
+        except (ObjectExists, ObjectStoreRefused) as exc:
             return Failure(FC.FAILURE_CLASS_OUTPUT_PROBLEM, str(exc))
         upload_s = time.perf_counter() - t2
         provenance = catalog_pb2.Provenance(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
@@ -74,7 +75,7 @@ async def acquire(
         regs = []
         for site, channel in events[i : i + batch]:
             path = site.files[channel]
-            key = f"images/{plate}/{site.well}/s{site.site}/{channel}/{path.name}"
+            key = keys.image_key(plate, site.well, site.site, channel, path.name)
             stored = await with_backoff(
                 partial(store.put_file, key, path, "image/tiff"),
                 f"uploading {path.name}",

@@ -15,9 +15,9 @@ from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 
 from services.common import channels, logs
 from services.common.amqp import AMQP_VARS, topology_from
-from services.common.s3 import ObjectStore
+from services.common.s3 import ObjectStore, StoreGate
 from services.common.server import service_server, stop_event_on_signals
-from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port
+from services.common.settings import COMMON_VARS, S3_VARS, S3Settings, Var, load, port, positive_float
 from services.reducer.consumer import ReduceConsumer
 from services.reducer.service import Reducer, ReducerServicer
 
@@ -29,6 +29,13 @@ VARS = (
     *S3_VARS,
     Var("GRPC_PORT", "50054", port),
     Var("CATALOG_ADDR", "127.0.0.1:50051", help="host:port of the catalog"),
+    Var(
+        "TRANSIENT_BUDGET_S",
+        "300",
+        positive_float,
+        "how long an object store outage is retried inside a reduce before it fails",
+    ),
+    Var("PROBE_INTERVAL_S", "15", positive_float, "how often an unusable object store is probed"),
     Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-reducer")),
     Var("REDUCER_ID", f"{socket.gethostname()}-{os.getpid()}"),
 )
@@ -40,19 +47,33 @@ async def main(v: dict[str, Any]) -> None:
         channels.insecure_channel(v["CATALOG_ADDR"]) as channel,
         ObjectStore(S3Settings.from_env()) as store,
     ):
-        reducer = Reducer(catalog_pb2_grpc.CatalogServiceStub(channel), store, Path(v["WORK_DIR"]))
+        reducer = Reducer(
+            catalog_pb2_grpc.CatalogServiceStub(channel),
+            store,
+            Path(v["WORK_DIR"]),
+            transient_budget=v["TRANSIENT_BUDGET_S"],
+        )
+        gate = StoreGate(store, v["PROBE_INTERVAL_S"])
         server = service_server(
             reducer_pb2_grpc.add_ReducerServiceServicer_to_server,
-            ReducerServicer(reducer),
+            ReducerServicer(reducer, gate),
             reducer_pb2.DESCRIPTOR,
             "ReducerService",
             v,
         )
         await server.start()
-        consumer = ReduceConsumer(reducer.reduce_run, v["AMQP_URL"], topology_from(v), v["REDUCER_ID"])
+        consumer = ReduceConsumer(
+            reducer.reduce_run,
+            v["AMQP_URL"],
+            topology_from(v),
+            v["REDUCER_ID"],
+            gate=gate,
+            on_serving=server.set_serving,
+        )
         try:
-            await store.ensure_bucket()
-            await server.set_serving(True)
+            # SERVING only while the object store can be used (a missing
+            # bucket is a setting to fix, never created here).
+            await gate.check()
             await consumer.run(stop)
         finally:
             await server.stop()

@@ -51,18 +51,20 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 
-from services.common.s3 import ObjectStore, ObjectStoreError
+from services.common.retry import GaveUp, with_backoff
+from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured, StoreGate
 from services.reducer import plots
 from services.reducer.reduce import (
     FileKind,
@@ -81,7 +83,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPORT_PREFIX = "reports"
+T = TypeVar("T")
+
 CATALOG_TIMEOUT = 60.0
 
 _KINDS = {
@@ -168,7 +171,9 @@ class Reducer:
         work_dir: Path | None = None,
         options: ReduceOptions | None = None,
         max_concurrent: int = 1,
+        transient_budget: float = 300.0,
     ) -> None:
+        self.transient_budget = transient_budget
         self._catalog = catalog
         self._store = store
         self._work_dir = work_dir or Path(tempfile.gettempdir()) / "cellmesh-reducer"
@@ -176,9 +181,11 @@ class Reducer:
         self._slots = asyncio.Semaphore(max_concurrent)
 
     async def reduce_run(self, run: catalog_pb2.RunClaim) -> catalog_pb2.PlateReport:
-        """The report of a run's generation (for PlateReduceTask). Catalog and
-        object-store errors propagate unchanged, so the caller can tell
-        transient ones apart."""
+        """The report of a run's generation (for PlateReduceTask). Catalog
+        errors propagate unchanged, so the caller can tell transient ones
+        apart; object-store outages are retried for up to `transient_budget`
+        seconds per request (then GaveUp), an unusable store raises
+        ObjectStoreMisconfigured."""
         existing = await self._latest_report(run.plate, run.pipeline.sha256)
         if existing is not None and existing.generation >= run.generation:
             log.info(
@@ -291,7 +298,7 @@ class Reducer:
         )
         if not on_demand:
             folder = f"{folder}/{_inputs_digest(info, options)}"
-        prefix = f"{REPORT_PREFIX}/{plate}/{info.pipeline_sha256[:12]}/{folder}"
+        prefix = f"{keys.run_reports(plate, info.pipeline_sha256)}{folder}"
         when = on_demand or f"generation {generation}"
         await asyncio.to_thread(self._work_dir.mkdir, parents=True, exist_ok=True)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{plate}-", dir=self._work_dir))
@@ -303,7 +310,10 @@ class Reducer:
             files = outputs.files + await asyncio.to_thread(_draw, outputs, info, features, when)
             stored: list[catalog_pb2.ReportFile] = []
             for f in files:
-                obj = await self._store.put_file(f"{prefix}/{f.name}", f.path, _content_type(f.name))
+                obj = await self._s3(
+                    f"upload {prefix}/{f.name}",
+                    lambda f=f: self._store.put_file(f"{prefix}/{f.name}", f.path, _content_type(f.name)),  # type: ignore[misc]
+                )
                 stored.append(
                     catalog_pb2.ReportFile(
                         name=f.name,
@@ -377,7 +387,25 @@ class Reducer:
 
     async def _fetch(self, key: str, sha256: str) -> bytes:
         # reduce_plate checks the SHA-256 itself.
-        return await self._store.get_bytes(key)
+        return await self._s3(f"download {key}", lambda: self._store.get_bytes(key))
+
+    async def _s3(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """An object-store request, retried through outages for up to the
+        transient budget; then GaveUp with what failed and for how long."""
+        try:
+            return await with_backoff(
+                call,
+                what,
+                transient=lambda exc: isinstance(exc, ObjectStoreError),
+                first_delay=0.5,
+                max_delay=15.0,
+                give_up_after=self.transient_budget,
+            )
+        except GaveUp as exc:
+            raise GaveUp(
+                f"the object store did not answer for {self.transient_budget:.0f} s "
+                f"(TRANSIENT_BUDGET_S): {exc}"
+            ) from exc
 
 
 def _inputs_digest(info: _Run, options: ReduceOptions) -> str:
@@ -438,14 +466,19 @@ def _draw(outputs: ReduceOutputs, info: _Run, features: Sequence[str], when: str
 class ReducerServicer(reducer_pb2_grpc.ReducerServiceServicer):
     """ReducerService: reduce a plate now, on demand."""
 
-    def __init__(self, reducer: Reducer) -> None:
+    def __init__(self, reducer: Reducer, gate: StoreGate | None = None) -> None:
         self._reducer = reducer
+        self._gate = gate
 
     async def ReducePlate(
         self, request: reducer_pb2.ReducePlateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> reducer_pb2.ReducePlateResponse:
         if not request.plate:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "plate is required")
+        if self._gate is not None and self._gate.problem:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"the reducer cannot reduce now: {self._gate.problem}"
+            )
         code, message = grpc.StatusCode.INTERNAL, ""
         try:
             report = await self._reducer.reduce_now(
@@ -458,8 +491,12 @@ class ReducerServicer(reducer_pb2_grpc.ReducerServiceServicer):
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except UnknownFeature as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except ObjectStoreError as exc:
+        except (ObjectStoreError, GaveUp) as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, f"object store: {exc}"
+        except ObjectStoreMisconfigured as exc:
+            if self._gate is not None:
+                self._gate.close(exc)
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, f"the reducer's {exc}"
         except grpc.aio.AioRpcError as exc:
             passed = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
             code = exc.code() if exc.code() in passed else grpc.StatusCode.UNAVAILABLE

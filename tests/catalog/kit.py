@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
@@ -220,12 +221,20 @@ async def run_to_done(stub: Stub, claim: catalog_pb2.SiteClaim, worker: str = "w
     )
 
 
+def claim_results(claim: catalog_pb2.SiteClaim) -> str:
+    """The prefix a claim's results must lie under."""
+    s = claim.site
+    if not s.well:
+        return keys.stage_results(s.plate, claim.pipeline.sha256)
+    return keys.site_results(s.plate, claim.pipeline.sha256, s.well, s.site)
+
+
 def result_file(claim: catalog_pb2.SiteClaim, name: str) -> catalog_pb2.ResultFile:
     data = f"{claim.site_job_id}/{claim.attempt}/{name}".encode()
     return catalog_pb2.ResultFile(
         name=name,
         object=types_pb2.ObjectRef(
-            key=f"results/{claim.site.plate}/{claim.site.well}/s{claim.site.site}/a{claim.attempt}/{name}",
+            key=f"{keys.execution_results(claim_results(claim), claim.attempt, 'x')}/{name}",
             size=len(data),
             sha256=sha(data),
         ),

@@ -180,7 +180,7 @@ async def test_transient_failures_have_a_budget(catalog: Catalog) -> None:
     # Past the budget the failure takes a real class, charged as an attempt.
     now = await site(catalog)
     assert now.failure_class == FC.FAILURE_CLASS_TIMEOUT, now
-    assert "TRANSIENT_BUDGET_S" in now.failure_reason and "boom" in now.failure_reason
+    assert "SITE_TRANSIENT_BUDGET_S" in now.failure_reason and "boom" in now.failure_reason
     assert reply.will_retry  # one charged attempt of three
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
@@ -37,7 +38,7 @@ def report(run: catalog_pb2.RunClaim, sites: int = 2) -> catalog_pb2.PlateReport
                 name="Nuclei.parquet",
                 kind=catalog_pb2.REPORT_FILE_KIND_OBJECT_TABLE_PARQUET,
                 object=types_pb2.ObjectRef(
-                    key=f"reports/{run.plate}/g{run.generation}/Nuclei.parquet",
+                    key=f"{keys.run_reports(run.plate, run.pipeline.sha256)}g{run.generation}/Nuclei.parquet",
                     size=len(data),
                     sha256=sha(data),
                 ),

@@ -85,7 +85,7 @@ def test_transient_failures_end_within_their_budget(policy: lifecycle.Policy, ga
         now += timedelta(seconds=gap)
         d = lifecycle.on_fail(counters, FailureClass.TRANSIENT, "x", False, now, policy)
         if d.failure_class != FailureClass.TRANSIENT:
-            assert d.failure_class == FailureClass.TIMEOUT and "TRANSIENT_BUDGET_S" in d.reason
+            assert d.failure_class == FailureClass.TIMEOUT and "SITE_TRANSIENT_BUDGET_S" in d.reason
             assert (now - first).total_seconds() >= policy.transient_budget_s
             return
         counters = lifecycle.Counters(counters.attempt + 1, d.free_attempts, d.transient_since)

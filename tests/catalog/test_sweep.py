@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cellmesh import keys as cellmesh_keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 
@@ -17,7 +18,7 @@ from services.catalog.sweep import sweep_results
 from services.common.s3 import ObjectExists, ObjectStore
 from services.common.settings import S3Settings
 from tests.catalog.conftest import Catalog
-from tests.catalog.kit import claim_all, new_plate, ready_sites
+from tests.catalog.kit import claim_all, claim_results, new_plate, ready_sites
 
 LATER = datetime.now(UTC) + timedelta(hours=2)
 
@@ -34,7 +35,7 @@ async def finish_with(
     )
     files = []
     for name in ("Image.csv", "Nuclei.csv"):
-        key = f"results/{claim.site.plate}/p/{claim.site.well}/s{claim.site.site}/a{claim.attempt}-{execution}/{name}"
+        key = f"{cellmesh_keys.execution_results(claim_results(claim), claim.attempt, execution)}/{name}"
         obj = await catalog.objects.put_bytes(key, body + name.encode(), if_absent=True)
         files.append(
             catalog_pb2.ResultFile(
@@ -64,7 +65,7 @@ async def test_sweep_removes_orphans_and_nothing_registered(catalog: Catalog) ->
     registered = await finish_with(catalog, first, "e1", b"winner")
     # A losing execution of the same attempt (cut off, finished late): its
     # objects sit beside the winner's, under keys of their own.
-    loser = f"results/P1/p/{first.site.well}/s{first.site.site}/a{first.attempt}-e0/Image.csv"
+    loser = f"{cellmesh_keys.execution_results(claim_results(first), first.attempt, 'e0')}/Image.csv"
     await catalog.objects.put_bytes(loser, b"late bytes")
     # A site that was done, then requeued and run again: both runs stay registered.
     past = await finish_with(catalog, second, "e2", b"first run")

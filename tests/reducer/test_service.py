@@ -269,3 +269,27 @@ def test_result_files_map_to_the_pipeline_tables() -> None:
     }
     # Without the pipeline's table list: every CSV but the Experiment file.
     assert set(table_files(plain, [])) == {"Image", "FilteredNuclei", "Nuclei"}
+
+
+async def test_an_object_store_outage_longer_than_the_budget_fails_the_reduce(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """Object-store outages are retried inside the reduce, with backoff, for
+    TRANSIENT_BUDGET_S; then the reduce fails with a message saying so."""
+    import time
+    from dataclasses import replace
+
+    from services.common.retry import GaveUp
+    from tests.conftest import free_port
+
+    closed = replace(mesh.store.settings, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    async with ObjectStore(closed, connect_timeout=0.5) as unreachable:
+        reducer = Reducer(mesh.reducer._catalog, unreachable, tmp_path / "w2", transient_budget=2.0)
+        run = catalog_pb2.RunClaim(plate="P1", pipeline=types_pb2.PipelineRef(sha256=SHA), generation=12)
+        started = time.monotonic()
+        with pytest.raises(GaveUp, match="did not answer for 2 s \\(TRANSIENT_BUDGET_S\\)") as info:
+            await reducer.reduce_run(run)
+        took = time.monotonic() - started
+    assert 1.9 <= took < 15, took
+    assert "results/P1/" in str(info.value)  # names what it was fetching
+    assert not mesh.catalog.reports.get("P1"), "nothing registered"

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
@@ -211,7 +212,7 @@ class CellmeshClient:
                 "object store; pass store=ObjectStore(...)"
             )
         digest = sha256_bytes(data)
-        key = f"attachments/{digest}"
+        key = keys.attachment_key(digest)
         there = await store.head(key)
         if there is not None and there.size == len(data) and there.sha256 == digest:
             ref = types_pb2.ObjectRef(key=key, size=len(data), sha256=digest)

@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.client import CellmeshClient, CellmeshError, ObjectStore, sha256_bytes
 from cellmesh.common.v1 import types_pb2
@@ -82,7 +83,7 @@ def normalize_well(well: str) -> str:
 
 def image_key(plate: str, well: str, site: int, channel: str, file_name: str) -> str:
     """Where an image is stored: `images/<plate>/<well>/s<site>/<channel>/<file name>`."""
-    return f"images/{plate}/{well}/s{site}/{channel}/{file_name}"
+    return keys.image_key(plate, well, site, channel, file_name)
 
 
 def parse_channel_map(text: str | None) -> dict[str, str]:

@@ -26,7 +26,7 @@ from cellmesh.common.v1 import types_pb2 as cellmesh_dot_common_dot_v1_dot_types
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x65llmesh/worker/v1/worker.proto\x12\x12\x63\x65llmesh.worker.v1\x1a\x1e\x63\x65llmesh/common/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetWorkerStatusRequest\"\x9c\x01\n\nActiveSite\x12\x13\n\x0bsite_job_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12)\n\x04site\x18\x03 \x01(\x0b\x32\x1b.cellmesh.common.v1.SiteRef\x12\r\n\x05phase\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12.\n\x06\x61\x63tive\x18\x04 \x03(\x0b\x32\x1e.cellmesh.worker.v1.ActiveSite\x12\x12\n\nsites_done\x18\x05 \x01(\x03\x12\x14\n\x0csites_failed\x18\x06 \x01(\x03\x12\x1a\n\x12\x64uplicates_skipped\x18\x07 \x01(\x03\x12\x1c\n\x14\x63\x65llprofiler_version\x18\x08 \x01(\t\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x32{\n\rWorkerService\x12j\n\x0fGetWorkerStatus\x12*.cellmesh.worker.v1.GetWorkerStatusRequest\x1a+.cellmesh.worker.v1.GetWorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x65llmesh/worker/v1/worker.proto\x12\x12\x63\x65llmesh.worker.v1\x1a\x1e\x63\x65llmesh/common/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetWorkerStatusRequest\"\x9c\x01\n\nActiveSite\x12\x13\n\x0bsite_job_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12)\n\x04site\x18\x03 \x01(\x0b\x32\x1b.cellmesh.common.v1.SiteRef\x12\r\n\x05phase\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x02\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12.\n\x06\x61\x63tive\x18\x04 \x03(\x0b\x32\x1e.cellmesh.worker.v1.ActiveSite\x12\x12\n\nsites_done\x18\x05 \x01(\x03\x12\x14\n\x0csites_failed\x18\x06 \x01(\x03\x12\x1a\n\x12\x64uplicates_skipped\x18\x07 \x01(\x03\x12\x1c\n\x14\x63\x65llprofiler_version\x18\x08 \x01(\t\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\n \x01(\t2{\n\rWorkerService\x12j\n\x0fGetWorkerStatus\x12*.cellmesh.worker.v1.GetWorkerStatusRequest\x1a+.cellmesh.worker.v1.GetWorkerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVESITE']._serialized_start=147
   _globals['_ACTIVESITE']._serialized_end=303
   _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=306
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=545
-  _globals['_WORKERSERVICE']._serialized_start=547
-  _globals['_WORKERSERVICE']._serialized_end=670
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=573
+  _globals['_WORKERSERVICE']._serialized_start=575
+  _globals['_WORKERSERVICE']._serialized_end=698
 # @@protoc_insertion_point(module_scope)

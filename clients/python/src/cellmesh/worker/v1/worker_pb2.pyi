@@ -94,6 +94,7 @@ class GetWorkerStatusResponse(_message.Message):
     DUPLICATES_SKIPPED_FIELD_NUMBER: _builtins.int
     CELLPROFILER_VERSION_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    NOT_SERVING_REASON_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker's id."""
     mode: _builtins.str
@@ -110,6 +111,12 @@ class GetWorkerStatusResponse(_message.Message):
     """The CellProfiler version."""
     draining: _builtins.bool
     """True after SIGTERM: finishing current sites, taking no new ones."""
+    not_serving_reason: _builtins.str
+    """Why the worker takes no site now, with the setting to fix (e.g. "object
+    store misconfigured (...): bucket 'x' does not exist ...: create it, or set
+    S3_BUCKET ..."); empty while it takes sites. Its gRPC health is
+    NOT_SERVING meanwhile, and it probes the store every PROBE_INTERVAL_S.
+    """
     @_builtins.property
     def active(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActiveSite]:
         """The sites in progress."""
@@ -126,10 +133,11 @@ class GetWorkerStatusResponse(_message.Message):
         duplicates_skipped: _builtins.int = ...,
         cellprofiler_version: _builtins.str = ...,
         draining: _builtins.bool = ...,
+        not_serving_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "cellprofiler_version", b"cellprofiler_version", "draining", b"draining", "duplicates_skipped", b"duplicates_skipped", "mode", b"mode", "sites_done", b"sites_done", "sites_failed", b"sites_failed", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "cellprofiler_version", b"cellprofiler_version", "draining", b"draining", "duplicates_skipped", b"duplicates_skipped", "mode", b"mode", "not_serving_reason", b"not_serving_reason", "sites_done", b"sites_done", "sites_failed", b"sites_failed", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
