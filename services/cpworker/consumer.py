@@ -201,7 +201,9 @@ class SiteConsumer:
             delivery.reject()
             return
         if self.draining:
-            log.warning("handing a site back to the queue (it arrived after this worker stopped taking sites)")
+            log.warning(
+                "handing a site back to the queue (it arrived after this worker stopped taking sites)"
+            )
             delivery.requeue()
             return
         if self.store_problem:
