@@ -361,6 +361,7 @@ async def main_swarm(v: dict[str, Any]) -> None:
     """The Swarm autoscaler: health SERVING once the catalog and the Docker
     Engine API have answered; stops on SIGTERM."""
     import docker
+    import docker.errors
 
     from services.common import channels
     from services.common.server import GrpcServer, stop_event_on_signals
@@ -371,20 +372,25 @@ async def main_swarm(v: dict[str, Any]) -> None:
     await server.start()
     try:
         async with channels.insecure_channel(v["CATALOG_ADDR"]) as channel:
-            backend = SwarmBackend(docker.from_env(), v["AUTOSCALE_SERVICE"])
-            scaler = Autoscaler(
-                settings, backend, CatalogBacklog(catalog_pb2_grpc.CatalogServiceStub(channel))
-            )
-            while not stop.is_set():
+            backlog = CatalogBacklog(catalog_pb2_grpc.CatalogServiceStub(channel))
+            scaler: Autoscaler | None = None
+            while scaler is None and not stop.is_set():
                 try:
-                    await scaler.step()
-                    break
-                except (grpc.aio.AioRpcError, OSError, RuntimeError) as exc:
-                    log.warning("autoscale: catalog or Docker Engine API not usable yet: %s", exc)
+                    backend = SwarmBackend(docker.from_env(), v["AUTOSCALE_SERVICE"])
+                    candidate = Autoscaler(settings, backend, backlog)
+                    await candidate.step()
+                    scaler = candidate
+                except (grpc.aio.AioRpcError, OSError, RuntimeError, docker.errors.DockerException) as exc:
+                    log.warning(
+                        "autoscale: the catalog or the Docker Engine API (is /var/run/docker.sock mounted,"
+                        " on a manager?) does not answer yet: %s",
+                        exc,
+                    )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), settings.interval_s)
-            await server.set_serving(True)
-            await scaler.run(stop)
+            if scaler is not None:
+                await server.set_serving(True)
+                await scaler.run(stop)
     finally:
         await server.stop()
 

@@ -4,10 +4,18 @@ engine runs here): it reads and sets the service's replica count the way the
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import docker.errors
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.mesh.autoscale import (
     Autoscaler,
@@ -16,6 +24,7 @@ from services.mesh.autoscale import (
     parse_range,
 )
 from services.mesh.scaling import ScalePolicy
+from tests.conftest import free_port
 
 
 class FakeService:
@@ -134,3 +143,39 @@ def test_bad_ranges_say_what_to_give(text: str) -> None:
 def test_a_range() -> None:
     assert parse_range("1:3") == (1, 3)
     assert parse_range("0:2") == (0, 2)
+
+
+def test_the_swarm_autoscaler_without_an_engine_stays_not_serving_and_says_why(tmp_path: Path) -> None:
+    """`python -m services.mesh.autoscale` (the stack's autoscaler) started
+    where no Docker Engine answers: it keeps trying, its health is
+    NOT_SERVING, its log names the socket, and SIGTERM stops it cleanly."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "GRPC_PORT": str(port),
+        "GRPC_HOST": "127.0.0.1",
+        "CATALOG_ADDR": f"127.0.0.1:{free_port()}",
+        "DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}",
+        "AUTOSCALE_INTERVAL_S": "0.5",
+    }
+    log_path = tmp_path / "autoscaler.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.mesh.autoscale"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "does not answer yet" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        assert "/var/run/docker.sock mounted" in log_path.read_text()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
