@@ -29,8 +29,9 @@ import contextlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -115,7 +116,22 @@ class Backend(Protocol):
         """Workers running and taking sites now."""
         ...
 
+    @property
+    def worker_start_s(self) -> float:
+        """Seconds a new worker takes to take sites (0: not known yet)."""
+        ...
+
     async def scale_to(self, replicas: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One look at the catalog."""
+
+    waiting: int  # sites READY, CLAIMED or QUEUED
+    running: int  # sites RUNNING
+    #: Sites settled (DONE or FAILED) so far, per (plate, pipeline) not yet complete.
+    settled: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class CatalogBacklog:
@@ -124,9 +140,10 @@ class CatalogBacklog:
     def __init__(self, catalog: catalog_pb2_grpc.CatalogServiceAsyncStub) -> None:
         self.catalog = catalog
 
-    async def read(self) -> tuple[int, int]:
+    async def read(self) -> Backlog:
         plates = (await self.catalog.ListPlates(catalog_pb2.ListPlatesRequest(), timeout=10)).plates
-        backlog = running = 0
+        waiting = running = 0
+        settled: dict[tuple[str, str], int] = {}
         for plate in plates:
             for sha in plate.pipeline_sha256 or [""]:
                 try:
@@ -142,9 +159,35 @@ class CatalogBacklog:
                     raise
                 if p.complete:
                     continue
-                backlog += p.ready + p.queued
+                waiting += p.ready + p.queued
                 running += p.running
-        return backlog, running
+                settled[(plate.name, sha)] = p.done + p.failed
+        return Backlog(waiting, running, settled)
+
+
+#: Throughput is measured over this many seconds of looks at the catalog.
+THROUGHPUT_WINDOW_S = 60.0
+
+
+class Throughput:
+    """Sites settled per second over the last THROUGHPUT_WINDOW_S, from the
+    catalog's per-plate counts (a plate seen for the first time counts from
+    then on)."""
+
+    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._last: dict[tuple[str, str], int] = {}
+        self._total = 0
+        self._points: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, settled: dict[tuple[str, str], int]) -> float:
+        self._total += sum(max(0, n - self._last[k]) for k, n in settled.items() if k in self._last)
+        self._last = dict(settled)
+        self._points.append((now, self._total))
+        while len(self._points) > 2 and now - self._points[1][0] >= self.window_s:
+            self._points.popleft()
+        (t0, n0), (t1, n1) = self._points[0], self._points[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 class Autoscaler:
@@ -162,16 +205,24 @@ class Autoscaler:
         self.backlog = backlog
         self.clock = clock
         self.state = ScaleState()
+        self.throughput = Throughput()
         self.decisions: list[Decision] = []
 
     async def step(self) -> Decision:
-        backlog, running = await self.backlog.read()
-        obs = Observation(backlog, running, await self.backend.replicas())
-        decision = decide(self.settings.policy, obs, self.state, self.clock())
+        seen = await self.backlog.read()
+        now = self.clock()
+        obs = Observation(
+            seen.waiting,
+            seen.running,
+            await self.backend.replicas(),
+            self.throughput.add(now, seen.settled),
+            self.backend.worker_start_s,
+        )
+        decision = decide(self.settings.policy, obs, self.state, now)
         if decision.changes:
             log.info(
-                "autoscale: %d -> %d worker(s): %s (backlog %d, running %d)",
-                obs.replicas, decision.replicas, decision.reason, backlog, running,
+                "autoscale: %d -> %d worker(s): %s (backlog %d, running %d, %.2f site(s)/s)",
+                obs.replicas, decision.replicas, decision.reason, obs.backlog, obs.in_flight, obs.throughput,
             )  # fmt: skip
             self.decisions.append(decision)
             await self.backend.scale_to(decision.replicas)
@@ -214,6 +265,8 @@ class LocalBackend:
         self._next = 1 + max((self._index(p.name) for p in self.workers()), default=-1)
         self.started = 0
         self.stopped = 0
+        #: How long the last start of workers took, until they were healthy.
+        self.worker_start_s = 0.0
         #: (name, exit code) of every worker it stopped that has exited.
         self.exited: list[tuple[str, int | None]] = []
 
@@ -249,10 +302,13 @@ class LocalBackend:
 
         indexes = list(range(self._next, self._next + count))
         self._next += count
+        began = time.monotonic()
         results = await asyncio.gather(
             *(start_worker(self.mesh, self.options, i) for i in indexes), return_exceptions=True
         )
         self.started += sum(1 for r in results if not isinstance(r, BaseException))
+        if any(not isinstance(r, BaseException) for r in results):
+            self.worker_start_s = time.monotonic() - began
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             # A worker that did not start goes; the next look tries again.
@@ -306,6 +362,10 @@ class LocalBackend:
 class SwarmBackend:
     """The replica count of a Swarm service (the Docker Engine API on a
     manager: the autoscaler runs there with the docker socket mounted)."""
+
+    #: A new replica pulls its image, starts Java and turns healthy within
+    #: about the health check's start period.
+    worker_start_s = 90.0
 
     def __init__(self, client: Any, service: str) -> None:
         self.client = client

@@ -8,7 +8,11 @@ policy asks for enough workers to give every such site a slot, within
 
 - **up** at once to what the demand needs, but not sooner than
   `up_cooldown_s` after the last scale-up (a new warm worker needs a while to
-  start CellProfiler; asking again before it answers would overshoot);
+  start CellProfiler; asking again before it answers would overshoot), and
+  not when the workers there are would finish the backlog before a new one
+  could start: at the throughput of the last minute, backlog / throughput
+  shorter than the time a worker takes to start (a new worker would only
+  cost memory and CPU the running ones need);
 - **down** only once the demand has fitted into fewer workers for a whole
   `down_cooldown_s` without a break (hysteresis: a plate whose images are
   still arriving does not make workers come and go), and never sooner than
@@ -65,6 +69,15 @@ class Observation:
     backlog: int  # sites READY, CLAIMED or QUEUED: waiting for a slot
     in_flight: int  # sites RUNNING
     replicas: int  # workers running and taking sites (draining ones not counted)
+    throughput: float = 0.0  # sites settled per second lately (0: unknown)
+    worker_start_s: float = 0.0  # seconds a new worker takes to take sites (0: unknown)
+
+    def drains_before_a_new_worker(self) -> bool:
+        """True when the backlog is gone, at the current throughput, before a
+        worker started now could take a site."""
+        if self.throughput <= 0 or self.worker_start_s <= 0:
+            return False
+        return self.backlog / self.throughput < self.worker_start_s
 
     @property
     def demand(self) -> int:
@@ -119,6 +132,14 @@ def decide(policy: ScalePolicy, obs: Observation, state: ScaleState, now: float)
             return Decision(
                 current,
                 f"{obs.demand} site(s) want {needed} worker(s); up cool-down, {policy.up_cooldown_s - waited:.0f} s left",
+                obs,
+            )
+        if obs.drains_before_a_new_worker():
+            return Decision(
+                current,
+                f"{obs.demand} site(s) want {needed} worker(s), but {obs.backlog} waiting drain in "
+                f"{obs.backlog / obs.throughput:.0f} s at {obs.throughput:.2f} site(s)/s, before a new worker "
+                f"would start ({obs.worker_start_s:.0f} s)",
                 obs,
             )
         state.last_up = now

@@ -39,11 +39,12 @@ async def test_workers_grow_to_the_maximum_and_shrink_to_the_minimum_without_red
         async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             scaler = Autoscaler(settings, backend, CatalogBacklog(catalog))
-            running = asyncio.create_task(scaler.run(stop))
             sites = await create_generated_plate(catalog, tmp_path / "img", "AS1", 2, 6, 2)
             assert len(sites) == 24
             t0 = time.monotonic()
+            # The whole plate arrives, then the autoscaler first looks.
             await microscope.acquire(store, catalog, "AS1", sites, 200)
+            running = asyncio.create_task(scaler.run(stop))
 
             most = 1
             complete_at: float | None = None

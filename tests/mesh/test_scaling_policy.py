@@ -147,3 +147,40 @@ def test_a_dead_worker_below_the_minimum_is_replaced_at_once() -> None:
 def test_bad_settings_say_what_to_fix(kw: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ScalePolicy(**kw)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policies(),
+    st.integers(0, 12),
+    st.integers(0, 200),
+    st.integers(0, 40),
+    st.floats(0, 20, allow_nan=False),
+    st.floats(0, 300, allow_nan=False),
+)
+def test_a_scale_up_is_held_only_when_the_backlog_drains_before_a_new_worker_starts(
+    policy: ScalePolicy, replicas: int, backlog: int, running: int, throughput: float, start_s: float
+) -> None:
+    obs = Observation(backlog, running, replicas, throughput, start_s)
+    d = decide(policy, obs, ScaleState(), 1000.0)
+    assert policy.min_replicas <= d.replicas <= policy.max_replicas
+    if policy.needed(obs.demand) > replicas >= policy.min_replicas and d.replicas == replicas:
+        assert throughput > 0 and start_s > 0 and backlog / throughput < start_s, d
+
+
+def test_a_short_backlog_at_a_high_throughput_starts_no_worker() -> None:
+    policy = ScalePolicy(1, 3, 1, up_cooldown_s=0, down_cooldown_s=60)
+    held = decide(policy, Observation(6, 2, 1, throughput=1.5, worker_start_s=20), ScaleState(), 0)
+    assert held.replicas == 1 and "before a new worker would start (20 s)" in held.reason
+    # The same backlog at a tenth of the throughput would wait 40 s: start them.
+    assert (
+        decide(policy, Observation(6, 2, 1, throughput=0.15, worker_start_s=20), ScaleState(), 0).replicas
+        == 3
+    )
+    # Unknown throughput (nothing settled yet) or start time: start them.
+    assert (
+        decide(policy, Observation(6, 2, 1, throughput=0, worker_start_s=20), ScaleState(), 0).replicas == 3
+    )
+    assert (
+        decide(policy, Observation(6, 2, 1, throughput=1.5, worker_start_s=0), ScaleState(), 0).replicas == 3
+    )

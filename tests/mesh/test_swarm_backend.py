@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.mesh.autoscale import (
     Autoscaler,
     AutoscaleSettings,
+    Backlog,
     SwarmBackend,
+    Throughput,
     parse_range,
 )
 from services.mesh.scaling import ScalePolicy
@@ -66,8 +68,9 @@ class FakeBacklog:
     def __init__(self, *readings: tuple[int, int]) -> None:
         self.readings = list(readings)
 
-    async def read(self) -> tuple[int, int]:
-        return self.readings.pop(0)
+    async def read(self) -> Backlog:
+        waiting, running = self.readings.pop(0)
+        return Backlog(waiting, running)
 
 
 async def test_reads_and_scales_the_service_replicas() -> None:
@@ -179,3 +182,15 @@ def test_the_swarm_autoscaler_without_an_engine_stays_not_serving_and_says_why(t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_throughput_from_the_catalogs_counts() -> None:
+    t = Throughput(window_s=60)
+    assert t.add(0, {("P1", "a"): 5}) == 0.0  # one look: nothing to compare yet
+    assert t.add(10, {("P1", "a"): 15}) == 1.0
+    # A new plate counts from its first look; a plate that completed drops out.
+    assert t.add(20, {("P2", "a"): 100}) == 0.5
+    assert t.add(30, {("P2", "a"): 130}) == 40 / 30
+    # Only the last minute counts (from the last look before it).
+    assert t.add(100, {("P2", "a"): 200}) == 70 / 70
+    assert t.add(200, {("P2", "a"): 200}) == 0.0
