@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import grpc
+from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +114,9 @@ async def run_mesh(workers: int, rows: int, columns: int, sites_per_well: int, s
                     break
                 await asyncio.sleep(0.2)
             wall = time.perf_counter() - t0
-            jobs = (
-                await catalog.ListSites(catalog_pb2.ListSitesRequest(plate="SCALE", with_results=True))
-            ).sites
+            jobs = await pages.all_site_jobs(
+                catalog, catalog_pb2.ListSitesRequest(plate="SCALE", with_results=True)
+            )
         n = len(jobs)
         run = [j.provenance.run_seconds for j in jobs]
         transfers = [j.provenance.download_seconds + j.provenance.upload_seconds for j in jobs]

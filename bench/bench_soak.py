@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import grpc
+from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
@@ -90,9 +91,9 @@ async def soak(args: argparse.Namespace, kill_every: float) -> dict[str, float]:
                     next_kill = time.perf_counter() + kill_every
                 await asyncio.sleep(0.2)
             wall = time.perf_counter() - t0
-            jobs = (
-                await catalog.ListSites(catalog_pb2.ListSitesRequest(plate="SOAK", with_results=True))
-            ).sites
+            jobs = await pages.all_site_jobs(
+                catalog, catalog_pb2.ListSitesRequest(plate="SOAK", with_results=True)
+            )
         logs = "".join(
             p.log_path.read_text(errors="replace") for p in mesh.procs.procs if p.name.startswith("cpworker")
         )

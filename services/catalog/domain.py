@@ -4,6 +4,7 @@ and returns. Nothing here knows about protobuf or SQL."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
@@ -119,6 +120,8 @@ class PipelineInfo:
     """Files it reads that an earlier plate stage writes (not attached)."""
     scope: Scope = Scope.SITE
     scope_reasons: list[str] = field(default_factory=list)
+    group_by: list[str] = field(default_factory=list)
+    """The metadata keys its Groups module groups image sets by."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ class ImageIn:
     sha256: str
     file_name: str
     replace: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The site's other metadata (see ImageRegistration.metadata)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ class ImageInfo:
     sha256: str
     file_name: str
     registered_at: datetime
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Its site's metadata."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,7 @@ class SiteJobInfo:
     provenance: Provenance | None
     execution_id: str = ""
     scope: Scope = Scope.SITE
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     pipelines   one row per .cppipe content and attachments (their SHA-256 is its identity)
     plates      name, channels, optional layout, acquisition state
     runs        one per (plate, pipeline): results generation, reduce bookkeeping
-    sites       one per (plate, well, site) the catalog knows of
+    sites       one per (plate, well, site) the catalog knows of, with its metadata
     images      one per (site, channel)
     site_jobs   one per (run, site) of a site-scope run, one per plate-scope run
                 (site_id NULL): the state machine the scheduler and workers drive
@@ -77,6 +77,8 @@ class PipelineRow(Base):
     # `domain.Scope`: one run per site, or one per plate (a plate stage).
     scope: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     scope_reasons: Mapped[list[str] | None] = mapped_column(JSON)
+    # The metadata keys its Groups module groups by (`cppipe.grouping_keys`); NULL: none.
+    group_by: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class PlateRow(Base):
@@ -133,6 +135,9 @@ class SiteRow(Base):
     well_col: Mapped[int] = mapped_column(SmallInteger)
     site: Mapped[int] = mapped_column(Integer)
     well: Mapped[str] = mapped_column(String(4))
+    # The site's other metadata ({"Timepoint": "T01", ...}, from the ingest
+    # pattern's other groups); NULL: none. (`metadata` is taken by SQLAlchemy.)
+    site_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
 
 
 class ImageRow(Base):

@@ -39,6 +39,9 @@ SERVICE_NAME = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_na
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_PIPELINE_NAME = 200
+# A ListSites page ends before it passes this many serialized bytes, far
+# below the 64 MiB message cap whatever the plate's size.
+SITES_PAGE_BYTES = 3_670_016  # 3.5 MiB
 WATCH_POLL_SECONDS = 1.0
 WATCH_COALESCE_SECONDS = 0.05
 
@@ -142,10 +145,15 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     """The CatalogService RPCs over a `CatalogStore` and an `ObjectStore`."""
 
     def __init__(
-        self, store: CatalogStore, objects: ObjectStore, watch_poll_seconds: float = WATCH_POLL_SECONDS
+        self,
+        store: CatalogStore,
+        objects: ObjectStore,
+        watch_poll_seconds: float = WATCH_POLL_SECONDS,
+        sites_page_bytes: int = SITES_PAGE_BYTES,
     ) -> None:
         self.store = store
         self.objects = objects
+        self.sites_page_bytes = sites_page_bytes
         self._watch_poll = watch_poll_seconds
         self._closing = asyncio.Event()
 
@@ -226,6 +234,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     scope=scope,
                     scope_reasons=scope_reasons,
                     stage_inputs=stage_inputs,
+                    group_by=cppipe.grouping_keys(parsed),
                 ),
                 size=len(content),
             )
@@ -346,6 +355,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     sha256=i.object.sha256,
                     file_name=i.file_name,
                     replace=i.replace,
+                    metadata=dict(i.metadata),
                 )
                 for i in request.images
             ]
@@ -465,10 +475,28 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                     states.append(d.SiteState(s))
                 except ValueError:
                     raise d.InvalidArgument(f"state {s} is not a site state") from None
-            jobs = await self.store.list_sites(
-                request.plate, request.pipeline_sha256, states, request.with_results
+            page = await self.store.list_sites(
+                request.plate,
+                request.pipeline_sha256,
+                states,
+                request.with_results,
+                request.page_size,
+                request.page_token,
             )
-            return catalog_pb2.ListSitesResponse(sites=[_site_job(j) for j in jobs])
+            reply = catalog_pb2.ListSitesResponse()
+            used = 0
+            for n, job in enumerate(page.jobs):
+                message = _site_job(job)
+                # A repeated field costs its bytes plus a tag and a length.
+                cost = message.ByteSize() + 8
+                if n and used + cost > self.sites_page_bytes:
+                    reply.next_page_token = page.token_after(n - 1)
+                    return reply
+                reply.sites.append(message)
+                used += cost
+            if page.more:
+                reply.next_page_token = page.token_after(len(page.jobs) - 1)
+            return reply
 
     async def RequeueSites(
         self, request: catalog_pb2.RequeueSitesRequest, context: Context
@@ -613,6 +641,7 @@ def _pipeline(p: d.PipelineInfo) -> catalog_pb2.Pipeline:
         created_at=_ts(p.created_at),
         scope=_scope(p.scope),
         scope_reasons=p.scope_reasons,
+        group_by=p.group_by,
     )
 
 
@@ -654,6 +683,7 @@ def _image(i: d.ImageInfo) -> catalog_pb2.Image:
         object=types_pb2.ObjectRef(key=i.key, size=i.size, sha256=i.sha256),
         file_name=i.file_name,
         registered_at=_ts(i.registered_at),
+        metadata=dict(i.metadata),
     )
 
 
@@ -726,6 +756,7 @@ def _site_job(j: d.SiteJobInfo) -> catalog_pb2.SiteJob:
         results=_result_files(j.results),
         provenance=None if j.provenance is None else _provenance(j.provenance),
         scope=_scope(j.scope),
+        metadata=dict(j.metadata),
     )
 
 

@@ -32,6 +32,7 @@ import logging
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -104,6 +105,8 @@ MAX_LEASE_SECONDS = 3600
 MAX_CLAIM_SITES = 1000
 MAX_CLAIM_RUNS = 100
 MAX_IMAGES_PAGE = 10_000
+DEFAULT_SITES_PAGE = 500
+MAX_SITES_PAGE = 2000
 MAX_ERRORS_LISTED = 5
 RETRYABLE_MYSQL_ERRORS = (1205, 1213)  # lock wait timeout, deadlock
 UNSETTLED = tuple(s for s in SiteState if s not in SETTLED)
@@ -308,6 +311,7 @@ class CatalogStore:
                 stage_inputs=list(info.stage_inputs) or None,
                 scope=int(info.scope),
                 scope_reasons=list(info.scope_reasons),
+                group_by=list(info.group_by) or None,
             )
             session.add(row)
             await session.flush()
@@ -606,9 +610,14 @@ class CatalogStore:
         return everything
 
     async def _insert_sites(
-        self, session: AsyncSession, plate_id: int, sites: Sequence[tuple[int, int, int]]
+        self,
+        session: AsyncSession,
+        plate_id: int,
+        sites: Sequence[tuple[int, int, int]],
+        metadata: dict[tuple[int, int, int], dict[str, str]] | None = None,
     ) -> dict[tuple[int, int, int], int]:
-        """Inserts (row, column, site) sites; returns their ids."""
+        """Inserts (row, column, site) sites, with their metadata if given;
+        returns their ids."""
         ids: dict[tuple[int, int, int], int] = {}
         for part in chunks(sites, 5000):
             rows = [
@@ -618,6 +627,7 @@ class CatalogStore:
                     "well_col": c,
                     "site": s,
                     "well": validate.well_name(r, c),
+                    "metadata": (metadata or {}).get((r, c, s)) or None,
                 }
                 for r, c, s in part
             ]
@@ -705,6 +715,14 @@ class CatalogStore:
             for site_id, channel, image_id, sha in rows:
                 existing[site_id][channel] = (image_id, sha)
 
+        known_metadata: dict[int, dict[str, str]] = {}
+        for part in chunks(list(site_ids.values())):
+            for site_id, meta in await session.execute(
+                select(SiteRow.id, SiteRow.site_metadata).where(SiteRow.id.in_(part))
+            ):
+                known_metadata[site_id] = dict(meta or {})
+        metadata = _site_metadata(plate.name, images, parsed, indexes, site_ids, known_metadata)
+
         # Decide every image before writing anything.
         conflicts: list[str] = []
         first_in_batch: dict[tuple[int, int, int, str], int] = {}
@@ -757,8 +775,17 @@ class CatalogStore:
             )
 
         # Write.
-        new_ids = await self._insert_sites(session, plate.id, new_keys) if new_keys else {}
+        new_ids = await self._insert_sites(session, plate.id, new_keys, metadata) if new_keys else {}
         site_ids.update(new_ids)
+        for key, meta in metadata.items():
+            site_id = site_ids[key]
+            if site_id not in new_ids.values() and meta != known_metadata.get(site_id, {}):
+                await session.execute(
+                    update(SiteRow)
+                    .where(SiteRow.id == site_id)
+                    .values(site_metadata=meta)
+                    .execution_options(synchronize_session=False)
+                )
         if creates:
             image_rows = [
                 {
@@ -876,7 +903,14 @@ class CatalogStore:
             plate = await self._require_plate(session, plate_name)
             order = (SiteRow.well_row, SiteRow.well_col, SiteRow.site, ImageRow.channel)
             query = (
-                select(SiteRow.well, SiteRow.site, ImageRow, SiteRow.well_row, SiteRow.well_col)
+                select(
+                    SiteRow.well,
+                    SiteRow.site,
+                    ImageRow,
+                    SiteRow.well_row,
+                    SiteRow.well_col,
+                    SiteRow.site_metadata,
+                )
                 .join(ImageRow, ImageRow.site_id == SiteRow.id)
                 .where(SiteRow.plate_id == plate.id)
                 .order_by(*order)
@@ -898,12 +932,13 @@ class CatalogStore:
                     img.sha256,
                     img.file_name,
                     img.registered_at,
+                    dict(meta or {}),
                 )
-                for w, s, img, _r, _c in rows[:size]
+                for w, s, img, _r, _c, meta in rows[:size]
             ]
             token = ""
             if len(rows) > size:
-                w, s, img, r, c = rows[size - 1]
+                w, s, img, r, c, _meta = rows[size - 1]
                 token = _encode_token([r, c, s, img.channel])
             return images, token
 
@@ -1060,6 +1095,7 @@ class CatalogStore:
                         i.sha256,
                         i.file_name,
                         i.registered_at,
+                        dict(sites[sid].site_metadata or {}),
                     )
                     for sid in covered
                     for i in sorted(images.get(sid, []), key=lambda i: order.get(i.channel, len(order)))
@@ -1480,25 +1516,80 @@ class CatalogStore:
         pipeline_sha256: str = "",
         states: Sequence[SiteState] = (),
         with_results: bool = False,
-    ) -> list[SiteJobInfo]:
-        async def work(session: AsyncSession) -> list[SiteJobInfo]:
-            plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
-            query = (
-                select(SiteJobRow, SiteRow.well, SiteRow.site)
-                .outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
-                .where(SiteJobRow.run_id == run.id)
-                .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> SitesPage:
+        """One page of a run's site jobs in plate order (well row, column,
+        site). The cursor is the last job's (row, column, site): each page is
+        an index range on the site table, whatever page it is."""
+        if page_size < 0 or page_size > MAX_SITES_PAGE:
+            raise InvalidArgument(
+                f"page_size {page_size} is out of range; give 1 to {MAX_SITES_PAGE} "
+                f"or 0 for the default ({DEFAULT_SITES_PAGE})"
             )
+        size = page_size or DEFAULT_SITES_PAGE
+        position = _decode_sites_token(page_token) if page_token else None
+
+        async def work(session: AsyncSession) -> SitesPage:
+            plate, run, pipeline = await self._resolve_run(session, plate_name, pipeline_sha256)
+            if position is not None and position[0] != run.id:
+                raise InvalidArgument(
+                    f"page_token belongs to another plate or pipeline than plate {plate.name!r} "
+                    f"pipeline {pipeline.sha256[:12]}; start again without a page_token"
+                )
+            columns = (
+                SiteJobRow,
+                SiteRow.well,
+                SiteRow.site,
+                SiteRow.well_row,
+                SiteRow.well_col,
+                SiteRow.site_metadata,
+            )
+            if pipeline.scope == int(Scope.PLATE):
+                # A plate stage's one job has no site.
+                query = select(*columns).outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
+                query = query.where(SiteJobRow.run_id == run.id).limit(size + 1)
+            else:
+                # Driven by the sites' (plate, row, column, site) index, in
+                # its order, each joined on site_jobs (site, run): a page
+                # reads its own rows, never the rest of the plate.
+                query = (
+                    select(*columns)
+                    .select_from(SiteRow)
+                    .join(SiteJobRow, (SiteJobRow.site_id == SiteRow.id) & (SiteJobRow.run_id == run.id))
+                    .where(SiteRow.plate_id == plate.id)
+                    .order_by(SiteRow.well_row, SiteRow.well_col, SiteRow.site)
+                    .limit(size + 1)
+                )
+            if position is not None:
+                _run_id, r, c, n = position
+                # Spelled out (not a row comparison) so MariaDB uses the
+                # (plate, row, column, site) index as a range.
+                query = query.where(
+                    SiteRow.well_row >= r,
+                    or_(
+                        SiteRow.well_row > r,
+                        SiteRow.well_col > c,
+                        (SiteRow.well_col == c) & (SiteRow.site > n),
+                    ),
+                )
             if states:
                 query = query.where(SiteJobRow.state.in_([int(s) for s in states]))
-            rows = await session.execute(query)
+            rows = (await session.execute(query)).all()
             scope = Scope(pipeline.scope or Scope.SITE)
-            return [
+            jobs = [
                 _job_info(
-                    job, SiteKey(plate.name, well or "", site or 0), pipeline.sha256, with_results, scope
+                    job,
+                    SiteKey(plate.name, well or "", site or 0),
+                    pipeline.sha256,
+                    with_results,
+                    scope,
+                    dict(meta or {}),
                 )
-                for job, well, site in rows
+                for job, well, site, _r, _c, meta in rows[:size]
             ]
+            positions = [(r or 0, c or 0, site or 0) for _job, _w, site, r, c, _m in rows[:size]]
+            return SitesPage(jobs, positions, run.id, len(rows) > size)
 
         return await self._run(work)
 
@@ -2066,6 +2157,7 @@ def _check_images(images: Sequence[ImageIn]) -> list[tuple[int, int]]:
             validate.check_sha256(img.sha256, "object.sha256")
             validate.check_size(img.size, "object.size")
             validate.check_file_name(img.file_name)
+            validate.check_metadata(img.metadata)
         except Invalid as exc:
             where = f"image {n} ({img.plate or '?'} {img.well or '?'} site {img.site} {img.channel or '?'})"
             problems.append(f"{where}: {exc}")
@@ -2074,6 +2166,64 @@ def _check_images(images: Sequence[ImageIn]) -> list[tuple[int, int]]:
     if problems:
         raise _invalid(problems)
     return parsed
+
+
+def _site_metadata(
+    plate: str,
+    images: Sequence[ImageIn],
+    parsed: list[tuple[int, int]],
+    indexes: list[int],
+    site_ids: dict[tuple[int, int, int], int],
+    known: dict[int, dict[str, str]],
+) -> dict[tuple[int, int, int], dict[str, str]]:
+    """The metadata of every site the images bring any for: what the site has,
+    plus the keys it gains. Two images of the request that disagree on a key
+    are refused (INVALID_ARGUMENT), and so is a value other than the one the
+    site has (FAILED_PRECONDITION), naming the key and both values."""
+    out: dict[tuple[int, int, int], dict[str, str]] = {}
+    given_by: dict[tuple[int, int, int, str], int] = {}
+    stored_conflicts: list[str] = []
+    for i in indexes:
+        img = images[i]
+        if not img.metadata:
+            continue
+        key = (*parsed[i], img.site)
+        site_id = site_ids.get(key)
+        stored = known.get(site_id, {}) if site_id is not None else {}
+        meta = out.setdefault(key, dict(stored))
+        for name, value in sorted(img.metadata.items()):
+            earlier = given_by.get((*key, name))
+            if earlier is not None and images[earlier].metadata[name] != value:
+                raise InvalidArgument(
+                    f"images {earlier} and {i} of plate {plate!r} well {img.well} site {img.site} give "
+                    f"metadata {name} as {images[earlier].metadata[name]!r} and {value!r}: every image "
+                    "of a site must agree; fix the file names or the pattern"
+                )
+            given_by.setdefault((*key, name), i)
+            if name in stored and stored[name] != value:
+                stored_conflicts.append(
+                    f"image {i} gives plate {plate!r} well {img.well} site {img.site} metadata {name} "
+                    f"{value!r}, but the site has {stored[name]!r} from its earlier images"
+                )
+                continue
+            meta[name] = value
+    if stored_conflicts:
+        raise FailedPrecondition(
+            "; ".join(stored_conflicts[:MAX_ERRORS_LISTED])
+            + (
+                f"; and {len(stored_conflicts) - MAX_ERRORS_LISTED} more"
+                if len(stored_conflicts) > MAX_ERRORS_LISTED
+                else ""
+            )
+            + " (a site's metadata never changes: register the images under the values the site has)"
+        )
+    for meta in out.values():
+        if len(meta) > validate.MAX_METADATA_KEYS:
+            raise InvalidArgument(
+                f"plate {plate!r}: a site would have {len(meta)} metadata keys; at most "
+                f"{validate.MAX_METADATA_KEYS} are allowed"
+            )
+    return out
 
 
 def _check_against_plates(
@@ -2140,6 +2290,7 @@ def _pipeline_info(row: PipelineRow) -> PipelineInfo:
         stage_inputs=list(row.stage_inputs or []),
         scope=Scope(row.scope or Scope.SITE),
         scope_reasons=list(row.scope_reasons or []),
+        group_by=list(row.group_by or []),
     )
 
 
@@ -2188,7 +2339,12 @@ def _provenance_json(p: Provenance) -> dict[str, Any]:
 
 
 def _job_info(
-    job: SiteJobRow, site: SiteKey, sha: str, with_results: bool, scope: Scope = Scope.SITE
+    job: SiteJobRow,
+    site: SiteKey,
+    sha: str,
+    with_results: bool,
+    scope: Scope = Scope.SITE,
+    metadata: dict[str, str] | None = None,
 ) -> SiteJobInfo:
     results = [ResultFile(**r) for r in (job.results or [])] if with_results else []
     provenance = Provenance(**job.provenance) if with_results and job.provenance else None
@@ -2208,6 +2364,7 @@ def _job_info(
         provenance=provenance,
         execution_id=job.execution_id or "",
         scope=scope,
+        metadata=metadata or {},
     )
 
 
@@ -2270,6 +2427,37 @@ def _report(row: ReportRow, plate: str, sha: str) -> Report:
         version=row.version,
         created_at=row.created_at,
     )
+
+
+@dataclass(frozen=True)
+class SitesPage:
+    """A page of ListSites: the jobs, each one's (row, column, site), the
+    run they belong to, and whether more follow the last one."""
+
+    jobs: list[SiteJobInfo]
+    positions: list[tuple[int, int, int]]
+    run_id: int
+    more: bool
+
+    def token_after(self, index: int) -> str:
+        """The page token that continues after jobs[index]."""
+        return _encode_token(["sites", self.run_id, *self.positions[index]])
+
+
+def _decode_sites_token(token: str) -> tuple[int, int, int, int]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        position = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if (
+            isinstance(position, list)
+            and len(position) == 5
+            and position[0] == "sites"
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in position[1:])
+        ):
+            return position[1], position[2], position[3], position[4]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidArgument("page_token is not one ListSites issued; pass next_page_token unchanged")
 
 
 def _encode_token(position: list[Any]) -> str:

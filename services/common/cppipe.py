@@ -246,6 +246,30 @@ def decide_scope(pipeline: Pipeline, asked: str = "") -> tuple[str, list[str]]:
     return SCOPE_SITE, []
 
 
+def grouping_keys(pipeline: Pipeline) -> list[str]:
+    """The metadata keys the pipeline groups its image sets by, in order
+    (e.g. ["Well"] for Metadata_Well): the enabled Groups module's "Metadata
+    category" settings when "Do you want to group your images?" is Yes, or
+    LoadData's "Select metadata tags for grouping" when "Group images by
+    metadata?" is Yes. Empty when it does not group (one group: the whole
+    run)."""
+    keys: list[str] = []
+    for module in pipeline.modules:
+        if not module.enabled:
+            continue
+        if module.name == "Groups" and module.is_yes("Do you want to group your images?"):
+            keys += [v.strip() for v in module.values("Metadata category")]
+        elif module.name == "LoadData" and module.is_yes("Group images by metadata?"):
+            for value in module.values("Select metadata tags for grouping"):
+                keys += [v.strip() for v in value.split(",")]
+    out: list[str] = []
+    for key in keys:
+        key = key.removeprefix("Metadata_")
+        if key and key != "None" and key not in out:
+            out.append(key)
+    return out
+
+
 #: NamesAndTypes' image set matching method that `bind_channels` chooses.
 MATCH_BY_ORDER = "Order"
 

@@ -9,6 +9,7 @@ refuse bad input before it travels.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 MAX_IMAGES_PER_CALL = 10_000
 MAX_KEY_CHARS = 1024
@@ -18,6 +19,12 @@ MAX_COLUMNS = 48
 
 _PLATE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CHANNEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+_METADATA_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_METADATA_KEYS = 32
+MAX_METADATA_VALUE_CHARS = 255
+#: What a site says by itself (SiteRef), and what the ingest pattern's groups
+#: for it are called: never site metadata.
+SITE_FIELDS = frozenset({"Plate", "Well", "Site", "WellRow", "WellColumn", "Channel"})
 _WELL_RE = re.compile(r"^([A-Z]{1,2})(\d{2})$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -127,6 +134,39 @@ def check_file_name(name: str, what: str = "file_name") -> str:
     if any(ord(c) < 32 for c in name):
         raise Invalid(f"{what} {name!r} contains control characters")
     return name
+
+
+def check_metadata(metadata: Mapping[str, str], what: str = "metadata") -> dict[str, str]:
+    """A site's metadata: keys are CellProfiler metadata names (what follows
+    ``Metadata_`` in its measurements), values short plain text that may end
+    up in a file or folder name."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise Invalid(f"{what} has {len(metadata)} keys; at most {MAX_METADATA_KEYS} are allowed")
+    out: dict[str, str] = {}
+    for key in sorted(metadata):
+        value = metadata[key]
+        if not _METADATA_KEY_RE.match(key):
+            raise Invalid(
+                f"{what} key {key!r} is not a CellProfiler metadata name: a letter or '_', then "
+                "letters, digits or '_', at most 64 characters (e.g. Timepoint, Compound)"
+            )
+        if key in SITE_FIELDS:
+            raise Invalid(
+                f"{what} key {key!r} is what the site itself says (plate, well, site, channel): "
+                "give it in site or channel, not in metadata"
+            )
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise Invalid(
+                f"{what} {key}'s value is {len(value)} characters long; at most "
+                f"{MAX_METADATA_VALUE_CHARS} are allowed"
+            )
+        if any(ord(c) < 32 for c in value) or "/" in value or "\\" in value or value in (".", ".."):
+            raise Invalid(
+                f"{what} {key}'s value {value!r} has a control character, '/' or '\\', or is '.' or '..': "
+                "pipelines may put it in file and folder names"
+            )
+        out[key] = value
+    return out
 
 
 def check_batch_size(count: int) -> int:

@@ -28,7 +28,8 @@ OUT/cellmesh_done.txt` does, in process: a fresh copy of the (cached) pipeline,
 a file list of exactly the given files, Default Output Folder = output_dir,
 Default Input Folder = input_dir (default: the files' folder), all image
 sets (with ``expected``: exactly one, made of those files; with
-``expected_sets``: exactly that many, the n-th made of the n-th's files), then the
+``expected_sets``: exactly that many, each made of one site's files, in any
+order), then the
 measurements are closed (which deletes their temporary HDF5 file) and the
 done-file gets the run's exit status ("Complete" only if it finished).
 
@@ -86,6 +87,52 @@ NO_IMAGE_SET = "The pipeline did not identify any image sets."
 MISSING_FILE_MARKERS = ("FileNotFoundError", "FileNotFoundException", "No such file", "has no match")
 
 
+def match_image_sets(
+    formed: list[dict[str, str]], expected_sets: list[dict[str, str]], require_all: bool = True
+) -> str:
+    """Why the image sets CellProfiler formed are not the expected ones, or
+    "". ``formed`` holds, per image set, image name -> the real path of the
+    file it loads (names it does not load left out: a problem with
+    ``require_all``, else not checked). Each formed set must be one expected
+    set, each expected set used once, in any order: a pipeline that groups its
+    image sets (the Groups module, LoadData's grouping) may number them group
+    by group rather than site by site."""
+    remaining = list(range(len(expected_sets)))
+    for formed_set in formed:
+        for i in remaining:
+            expected = expected_sets[i]
+            if all(
+                formed_set[name] == want if name in formed_set else not require_all
+                for name, want in expected.items()
+            ):
+                remaining.remove(i)
+                break
+        else:
+            if any(
+                all(formed_set.get(name) == want for name, want in expected.items())
+                for expected in expected_sets
+            ):
+                return "CellProfiler formed the same image set twice"
+            closest = max(
+                remaining or range(len(expected_sets)),
+                key=lambda i: sum(formed_set.get(n) == w for n, w in expected_sets[i].items()),
+            )
+            for name, want in expected_sets[closest].items():
+                if name not in formed_set:
+                    if require_all:
+                        return (
+                            f"the pipeline's input modules load no image named {name} (a channel of the site)"
+                        )
+                    continue
+                if formed_set[name] != want:
+                    return (
+                        f"CellProfiler loaded image {name} from {formed_set[name]}, but the catalog "
+                        f"registered {want} as {name}"
+                    )
+            return "CellProfiler formed an image set of no site"
+    return ""
+
+
 class ImageSetCheck:
     """Installed as the pipeline's prepare_run: once the input modules have
     formed the image sets, and before any is run, there must be as many as
@@ -126,14 +173,12 @@ class ImageSetCheck:
             )
             sites = "one site" if wanted == 1 else f"{wanted} sites"
             return f"CellProfiler formed {len(numbers)} image sets from {sites}, not {wanted} ({sets})"
-        for number, expected in zip(numbers, self.expected_sets, strict=True):
-            for name, want in expected.items():
-                got = self._file(m, name, number)
-                if got is None:
-                    return f"the pipeline's input modules load no image named {name} (a channel of the site)"
-                if os.path.realpath(got) != want:
-                    return f"CellProfiler loaded image {name} from {got}, but the catalog registered {want} as {name}"
-        return ""
+        names = {name for expected in self.expected_sets for name in expected}
+        formed = []
+        for number in numbers:
+            files = {name: self._file(m, name, number) for name in names}
+            formed.append({name: os.path.realpath(f) for name, f in files.items() if f is not None})
+        return match_image_sets(formed, self.expected_sets)
 
 
 class CellProfilerSession:

@@ -9,8 +9,10 @@ file is which image, never the microscope's file names.
   image name's rule selects the folder of the channel with that name.
 * A LoadData pipeline runs unchanged: the worker writes the site's CSV where
   its LoadData reads it (`cppipe.Pipeline.loaddata`), one row with
-  ``FileName_<channel>``/``PathName_<channel>`` for every channel and
-  ``Metadata_Plate``/``Metadata_Well``/``Metadata_Site``.
+  ``FileName_<channel>``/``PathName_<channel>`` for every channel,
+  ``Metadata_Plate``/``Metadata_Well``/``Metadata_Site`` and a
+  ``Metadata_<key>`` for each key of the site's metadata (the ingest
+  pattern's other groups).
 
 Either way CellProfiler is told which file each image name must come from
 (`SiteInputs.expected`); the runners check it got exactly one image set made
@@ -19,8 +21,9 @@ of those files (services/cpworker/cp_child.py, runner.py).
 A plate stage's run covers every site of the plate: each channel's folder
 holds one numbered sub-folder per site (``<channel>/00000/<file>``, in the
 claim's site order), the bound rules select them (`cppipe.channel_rule`),
-and the runners check there is one image set per site, the n-th made of the
-n-th site's files.
+and the runners check there is one image set per site, each made of one
+site's files, in any order (a pipeline that groups numbers its image sets
+group by group; `cp_child.match_image_sets`).
 
 Image names that are not channels (an illumination function an earlier
 plate stage made, an attached file) keep the pipeline's own rules: their
@@ -106,10 +109,12 @@ def site_inputs(
     channel_files: Mapping[str, Path],
     site: tuple[str, str, int],
     input_files: Sequence[Path] = (),
+    metadata: Mapping[str, str] | None = None,
 ) -> SiteInputs:
     """The run's inputs once the channels' files are in place; writes the
-    LoadData CSV of a LoadData pipeline. ``site`` is (plate, well, site)."""
-    return run_inputs(pipeline, input_dir, [(channel_files, site)], input_files)
+    LoadData CSV of a LoadData pipeline. ``site`` is (plate, well, site),
+    ``metadata`` the site's other metadata."""
+    return run_inputs(pipeline, input_dir, [(channel_files, site)], input_files, [metadata or {}])
 
 
 def run_inputs(
@@ -117,10 +122,12 @@ def run_inputs(
     input_dir: Path,
     sites: Sequence[tuple[Mapping[str, Path], tuple[str, str, int]]],
     input_files: Sequence[Path] = (),
+    metadata: Sequence[Mapping[str, str]] | None = None,
 ) -> SiteInputs:
     """The inputs of a run over one site or several (a plate stage): for each
-    site its channels' files and (plate, well, site); ``input_files`` are the
-    other files in the Default Input Folder."""
+    site its channels' files and (plate, well, site), and its metadata in
+    ``metadata`` (same order); ``input_files`` are the other files in the
+    Default Input Folder."""
     extra = list(input_files)
     if pipeline.uses_loaddata:
         images = {p.resolve() for files, _site in sites for p in files.values()}
@@ -129,7 +136,7 @@ def run_inputs(
             if target.resolve() in images:
                 raise InputsProblem(f"LoadData's CSV {relative} would replace an image of the site")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(loaddata_csv(sites), encoding="utf-8")
+            target.write_text(loaddata_csv(sites, metadata=metadata), encoding="utf-8")
         listed = [p for files, _site in sites for p in files.values()]
         return SiteInputs(input_dir, listed + extra, [dict(files) for files, _site in sites])
     needed = list(pipeline.parsed.image_names)
@@ -149,24 +156,31 @@ def run_inputs(
 def loaddata_csv(
     sites: Sequence[tuple[Mapping[str, Path], tuple[str, str, int]]] | Mapping[str, Path],
     site: tuple[str, str, int] | None = None,
+    metadata: Sequence[Mapping[str, str]] | None = None,
 ) -> str:
     """One row per site: FileName_/PathName_ of every channel (absolute
-    folders), then the site's metadata. (One site may be given as its
-    channel files and (plate, well, site).)"""
+    folders), then the site's metadata: ``Metadata_Plate``, ``_Well``,
+    ``_Site``, then ``Metadata_<key>`` for every key any site of the run has
+    (in name order; empty where a site has none). (One site may be given as
+    its channel files and (plate, well, site).)"""
     if isinstance(sites, Mapping):
         assert site is not None
         sites = [(sites, site)]
+    per_site = list(metadata) if metadata is not None else [{} for _ in sites]
+    if len(per_site) != len(sites):
+        raise ValueError(f"{len(sites)} sites but metadata for {len(per_site)}")
+    keys = sorted({k for meta in per_site for k in meta})
     header: list[str] = []
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    for n, (channel_files, (plate, well, number)) in enumerate(sites):
+    for n, ((channel_files, (plate, well, number)), meta) in enumerate(zip(sites, per_site, strict=True)):
         row: list[str] = []
         names: list[str] = []
         for channel, path in channel_files.items():
             names += [f"FileName_{channel}", f"PathName_{channel}"]
             row += [path.name, str(path.parent.resolve())]
-        names += ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
-        row += [plate, well, str(number)]
+        names += ["Metadata_Plate", "Metadata_Well", "Metadata_Site"] + [f"Metadata_{k}" for k in keys]
+        row += [plate, well, str(number)] + [meta.get(k, "") for k in keys]
         if n == 0:
             header = names
             writer.writerow(header)

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.cpworker.cp_child import match_image_sets
+
 log = logging.getLogger(__name__)
 
 DONE_FILE_NAME = "cellmesh_done.txt"
@@ -767,15 +769,15 @@ def _cold_image_set_problem(output_dir: Path, expected_sets: Sequence[Mapping[st
         )
         sites = "one site" if wanted == 1 else f"{wanted} sites"
         return f"CellProfiler formed {len(rows)} image sets from {sites}, not {wanted} ({sets or 'none'})"
-    for row, expected in zip(rows, expected_sets, strict=True):
-        for name, path in expected.items():
+    names = {name for expected in expected_sets for name in expected}
+    formed = []
+    for row in rows:
+        files: dict[str, str] = {}
+        for name in names:
             for prefix in ("", "Objects"):
                 file_name, folder = row.get(f"{prefix}FileName_{name}"), row.get(f"{prefix}PathName_{name}")
-                if file_name is None or folder is None:
-                    continue
-                if Path(folder, file_name).resolve() != path:
-                    return (
-                        f"CellProfiler loaded image {name} from {Path(folder, file_name)}, but the catalog "
-                        f"registered {path} as {name}"
-                    )
-    return ""
+                if file_name is not None and folder is not None:
+                    files[name] = str(Path(folder, file_name).resolve())
+        formed.append(files)
+    wanted_sets = [{name: str(Path(p).resolve()) for name, p in e.items()} for e in expected_sets]
+    return match_image_sets(formed, wanted_sets, require_all=False)

@@ -407,14 +407,21 @@ class SiteProcessor:
         if problem:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, problem)
         by_site: dict[int, tuple[dict[str, Path], tuple[str, str, int]]] = {}
+        site_metadata: dict[int, dict[str, str]] = {}
         for image, path in zip(claim.images, files, strict=True):
             n = site_index[(image.site.well, image.site.site)]
             key = (claim.site.plate, image.site.well, image.site.site)
             by_site.setdefault(n, ({}, key))[0][image.channel] = path
+            site_metadata.setdefault(n, {}).update(image.metadata)
         try:
             prepared: PreparedPipeline = pipeline  # type: ignore[assignment]
             inputs = await asyncio.to_thread(
-                run_inputs, prepared, in_dir, [by_site[n] for n in sorted(by_site)], [p for _f, p in extra]
+                run_inputs,
+                prepared,
+                in_dir,
+                [by_site[n] for n in sorted(by_site)],
+                [p for _f, p in extra],
+                [site_metadata[n] for n in sorted(by_site)],
             )
         except InputsProblem as exc:
             return Failure(FC.FAILURE_CLASS_INPUT_PROBLEM, str(exc))

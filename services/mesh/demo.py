@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
@@ -360,9 +361,9 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
             report = (await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate=plate))).report
             out_dir = options.run_dir / "report"
             fetched = await fetch_report(store, report, out_dir)
-            jobs = (
-                await catalog.ListSites(catalog_pb2.ListSitesRequest(plate=plate, with_results=True))
-            ).sites
+            jobs = await pages.all_site_jobs(
+                catalog, catalog_pb2.ListSitesRequest(plate=plate, with_results=True)
+            )
             truth: dict[str, int] = {}
             if real:
                 # No drawn truth: the per-well counts must equal the sum of the

@@ -10,7 +10,7 @@ plate report.
 * ``reduce_now(plate, …)`` for ``ReducerService.ReducePlate``: the current
   results, even while sites are still running (they are listed as missing).
 
-Both read the sites and their result keys from the catalog (``ListSites`` with
+Both read the sites and their result keys from the catalog (``ListSites`` page by page, with
 results; never by listing a bucket), reduce them with
 :func:`services.reducer.reduce.reduce_plate`, draw the heatmaps, upload every
 file and register the report with its checksums.
@@ -51,14 +51,14 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from cellmesh import keys
+from cellmesh import keys, pages
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
@@ -253,16 +253,12 @@ class Reducer:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-        jobs = (
-            await self._catalog.ListSites(
-                catalog_pb2.ListSitesRequest(plate=plate_name, pipeline_sha256=sha, with_results=True),
-                timeout=CATALOG_TIMEOUT,
-            )
-        ).sites
         sites: list[SiteInput] = []
         missing: list[MissingSite] = []
         versions: set[str] = set()
-        for job in jobs:
+        # Page by page: only the small per-site inputs are kept, never a
+        # whole plate of catalog messages.
+        async for job in self._site_jobs(plate_name, sha):
             s = job.site
             state = _state_name(job.state)
             if job.state != types_pb2.SITE_STATE_DONE:
@@ -277,6 +273,13 @@ class Reducer:
             if job.provenance.cellprofiler_version:
                 versions.add(job.provenance.cellprofiler_version)
         return _Run(plate, sha, name, tables, sites, missing, sorted(versions))
+
+    async def _site_jobs(self, plate_name: str, sha: str) -> AsyncIterator[catalog_pb2.SiteJob]:
+        """Every site job of the plate's run, in plate order, one ListSites
+        page at a time."""
+        request = catalog_pb2.ListSitesRequest(plate=plate_name, pipeline_sha256=sha, with_results=True)
+        async for job in pages.site_jobs(self._catalog, request, CATALOG_TIMEOUT):
+            yield job
 
     async def _reduce(
         self, info: _Run, generation: int, folder: str, features: tuple[str, ...], on_demand: str

@@ -34,6 +34,7 @@ class Catalog:
     objects: ObjectStore
     address: str
     database_url: str
+    servicer: CatalogServicer
 
 
 @pytest.fixture
@@ -57,7 +58,12 @@ async def catalog(database_url: str, s3_settings: S3Settings) -> AsyncIterator[C
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
                     yield Catalog(
-                        catalog_pb2_grpc.CatalogServiceStub(channel), store, objects, address, database_url
+                        catalog_pb2_grpc.CatalogServiceStub(channel),
+                        store,
+                        objects,
+                        address,
+                        database_url,
+                        servicer,
                     )
             finally:
                 servicer.close()

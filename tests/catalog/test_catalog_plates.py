@@ -91,7 +91,7 @@ async def test_a_layout_creates_a_waiting_job_for_every_expected_site(catalog: C
     plate, pipe = await new_plate(catalog.stub, "L384", layout=layout)
     assert plate.sites_known and not plate.acquisition_finished
     assert plate.layout == layout and list(plate.pipeline_sha256) == [pipe.ref.sha256]
-    sites = (await catalog.stub.ListSites(catalog_pb2.ListSitesRequest(plate="L384"))).sites
+    sites = (await catalog.stub.ListSites(catalog_pb2.ListSitesRequest(plate="L384", page_size=2000))).sites
     assert len(sites) == 384 * 3
     assert {s.state for s in sites} == {types_pb2.SITE_STATE_WAITING}
     assert [(s.site.well, s.site.site) for s in sites[:4]] == [("A01", 1), ("A01", 2), ("A01", 3), ("A02", 1)]

@@ -260,3 +260,17 @@ async def test_a_replaced_image_runs_the_stage_and_everything_after_it_again(cat
     assert [s.state for s in await sites(stub, "W1", analysis.ref.sha256)] == [S.SITE_STATE_WAITING] * 2
     (again,) = await claim_all(stub)
     assert again.scope == S.PIPELINE_SCOPE_PLATE
+
+
+async def test_registration_reports_the_keys_the_groups_module_groups_by(catalog: Catalog) -> None:
+    from tests.common.test_cppipe import grouped
+
+    text = ILLUM.decode()
+    by_well = await register_pipeline(catalog.stub, grouped(text, "Well").encode(), "illum-per-well")
+    assert list(by_well.group_by) == ["Well"]
+    assert by_well.scope == S.PIPELINE_SCOPE_PLATE
+    two = await register_pipeline(catalog.stub, grouped(text, "Plate", "Compound").encode(), "illum-2")
+    assert list(two.group_by) == ["Plate", "Compound"]
+    got = await catalog.stub.GetPipeline(catalog_pb2.GetPipelineRequest(sha256=by_well.ref.sha256))
+    assert list(got.pipeline.group_by) == ["Well"]
+    assert list((await register_pipeline(catalog.stub, ILLUM, "illum")).group_by) == []

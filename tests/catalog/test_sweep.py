@@ -124,7 +124,8 @@ def test_sweep_command_reports_what_it_would_delete(tmp_path: Path, s3_settings:
     assert migrated.returncode == 0, migrated.stderr
     no_bucket = catalog_command("sweep", "--dry-run")
     assert no_bucket.returncode == 2
-    assert f"sweep stopped: list results/: no such object in bucket {s3_settings.bucket}" in no_bucket.stderr
+    assert "sweep stopped: object store misconfigured (list results/" in no_bucket.stderr
+    assert "NoSuchBucket" in no_bucket.stderr and "set S3_BUCKET" in no_bucket.stderr
     assert "check S3_ENDPOINT_URL and S3_BUCKET" in no_bucket.stderr
 
     async def make_bucket() -> None:

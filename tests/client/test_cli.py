@@ -161,7 +161,15 @@ def test_sites_and_requeue(mesh: ServerThread, capsys: pytest.CaptureFixture[str
     ]
     code, out, _ = run(mesh, capsys, "sites", "P1", "--state", "failed")
     assert code == 0
-    assert out.splitlines()[0].split() == ["WELL", "SITE", "STATE", "ATTEMPT", "FAILURE", "MESSAGE"]
+    assert out.splitlines()[0].split() == [
+        "WELL",
+        "SITE",
+        "STATE",
+        "ATTEMPT",
+        "FAILURE",
+        "MESSAGE",
+        "METADATA",
+    ]
     assert out.splitlines()[1].split(None, 5) == [
         "A02",
         "1",

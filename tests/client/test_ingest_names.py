@@ -58,23 +58,38 @@ def test_key_layout() -> None:
 
 def test_bbbc013_names_with_well_row_and_column() -> None:
     parser = FileNameParser(BBBC013, plate="P1", channel_map={"1": "GFP", "2": "DNA"})
-    assert parser.parse("Channel1-01-A-01.tif") == ParsedName("P1", "A01", 0, "GFP")
-    assert parser.parse("Channel2-48-D-12.tif") == ParsedName("P1", "D12", 0, "DNA")
+    # ImageNumber is neither site nor channel: it is the site's metadata.
+    assert parser.parse("Channel1-01-A-01.tif") == ParsedName("P1", "A01", 0, "GFP", {"ImageNumber": "01"})
+    assert parser.parse("Channel2-48-D-12.tif") == ParsedName("P1", "D12", 0, "DNA", {"ImageNumber": "48"})
     assert parser.parse("Channel1ILLUM.mat") == "does not match the pattern"
     assert "not in the channel map" in str(parser.parse("Channel3-01-A-01.tif"))
 
 
 def test_default_site_and_raw_channel_without_a_map() -> None:
     parser = FileNameParser(BBBC013, plate="P1", site=2)
-    assert parser.parse("Channel1-01-A-01.tif") == ParsedName("P1", "A01", 2, "1")
+    assert parser.parse("Channel1-01-A-01.tif") == ParsedName("P1", "A01", 2, "1", {"ImageNumber": "01"})
 
 
 def test_plate_and_site_groups() -> None:
     parser = FileNameParser(HUMAN_README, channel_map={"0": "DNA", "1": "PH3", "2": "cellbody"})
     assert parser.parse("AS_09125_050116030001_D03f00d2.tif") == ParsedName(
-        "050116030001", "D03", 0, "cellbody"
+        "050116030001", "D03", 0, "cellbody", {"Prefix": "AS_09125"}
     )
-    assert parser.parse("AS_09125_050116030001_D03f07d0.tif") == ParsedName("050116030001", "D03", 7, "DNA")
+    assert parser.parse("AS_09125_050116030001_D03f07d0.tif") == ParsedName(
+        "050116030001", "D03", 7, "DNA", {"Prefix": "AS_09125"}
+    )
+
+
+def test_other_groups_are_the_site_s_metadata() -> None:
+    parser = FileNameParser(
+        r"^(?P<Well>[A-P]\d{2})_s(?P<Site>\d)_(?P<Channel>[A-Z]+)_(?P<Timepoint>T\d+)(_(?P<Compound>\w+))?\.tif$",
+        plate="P1",
+    )
+    assert parser.parse("B02_s1_DNA_T03_taxol.tif") == ParsedName(
+        "P1", "B02", 1, "DNA", {"Timepoint": "T03", "Compound": "taxol"}
+    )
+    # An optional group that did not match is not metadata (not an empty value).
+    assert parser.parse("B02_s1_GFP_T03.tif") == ParsedName("P1", "B02", 1, "GFP", {"Timepoint": "T03"})
     # asked for another plate: reported, not put into the file name's plate
     other = FileNameParser(HUMAN_README, plate="P9", channel_map={"0": "DNA"})
     assert "not the plate asked for" in str(other.parse("AS_09125_050116030001_D03f00d0.tif"))

@@ -19,9 +19,11 @@ from cellmesh.client import CellmeshClient
 from services.catalog import migrate
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
+from services.common import synth
 from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration
 from services.common.settings import S3Settings
+from tests.common.test_cppipe import grouped
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pipelines"
 HUMAN = r"_(?P<Well>[A-P]\d{2})f(?P<Site>\d{2})d(?P<Channel>\d)\.tif$"
@@ -127,7 +129,7 @@ async def test_cli_against_the_real_catalog(
 
 
 async def test_cli_registers_and_creates_a_workflow_of_stages(
-    catalog_address: str, capsys: pytest.CaptureFixture[str]
+    catalog_address: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     examples = EXAMPLES
 
@@ -140,6 +142,12 @@ async def test_cli_registers_and_creates_a_workflow_of_stages(
     assert code == 0, err
     assert "runs      per plate (a plate stage): CorrectIlluminationCalculate (module 5)" in out
     illum = out.split("sha256    ")[1].split()[0]
+    assert "groups" not in out
+    per_well = tmp_path / "illum_per_well.cppipe"
+    per_well.write_text(grouped((examples / "illum_dna.cppipe").read_text(), "Well"))
+    code, out, err = await cellmesh("pipeline", "register", str(per_well))
+    assert code == 0, err
+    assert "  groups    by Metadata_Well (the Groups module)" in out
     analysis_file = str(examples / "nuclei_illum.cppipe")
     code, _, err = await cellmesh("pipeline", "register", analysis_file)
     assert code == 1 and "IllumDNA" in err
@@ -168,3 +176,61 @@ async def test_cli_registers_and_creates_a_workflow_of_stages(
     )
     assert code == 0, err
     assert f"pipelines             {illum}, {analysis}" in out
+
+
+async def test_cli_ingest_carries_the_pattern_s_other_groups_as_site_metadata(
+    catalog_address: str,
+    s3_settings: S3Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_settings.endpoint_url or "")
+    monkeypatch.setenv("S3_BUCKET", s3_settings.bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_settings.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_settings.secret_key)
+
+    async def cellmesh(*args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["--catalog", catalog_address, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    folder = tmp_path / "microscope"
+    compounds = {("A01", 0): "DMSO", ("A01", 1): "DMSO", ("A02", 0): "taxol", ("A02", 1): "taxol"}
+    for (well, site), compound in compounds.items():
+        for channel, path in synth.write_site(folder, "M1", well, site, 3, size=64).items():
+            path.rename(folder / f"{well}_s{site}_{channel}_{compound}.tif")
+    code, out, err = await cellmesh("pipeline", "register", str(EXAMPLES / "nuclei.cppipe"))
+    assert code == 0, err
+    sha = out.split("sha256    ")[1].split()[0]
+    code, out, err = await cellmesh("plate", "create", "M1", "--channels", "DNA,GFP", "--pipeline", sha[:12])
+    assert code == 0, err
+    pattern = r"^(?P<Well>[A-P]\d{2})_s(?P<Site>\d)_(?P<Channel>DNA|GFP)_(?P<Compound>\w+)\.tif$"
+    code, out, err = await cellmesh("ingest", str(folder), "--plate", "M1", "--pattern", pattern, "--quiet")
+    assert code == 0, err
+    assert "registered          8 new, 0 replaced, 0 unchanged" in out
+    async with CellmeshClient(catalog_address) as client:
+        sites = await client.list_sites("M1")
+        assert {(s.site.well, s.site.site): dict(s.metadata) for s in sites} == {
+            key: {"Compound": value} for key, value in compounds.items()
+        }
+    code, out, err = await cellmesh("sites", "M1")
+    assert code == 0, err
+    assert out.splitlines()[0].split()[-1] == "METADATA"
+    assert [line.split()[-1] for line in out.splitlines()[1:]] == [
+        "Compound=DMSO",
+        "Compound=DMSO",
+        "Compound=taxol",
+        "Compound=taxol",
+    ]
+
+    # Two channels of one site that say other compounds are refused, naming both values.
+    later = tmp_path / "later"
+    for channel, path in synth.write_site(later, "M1", "A02", 2, 3, size=64).items():
+        path.rename(later / f"A02_s2_{channel}_taxol.tif")
+    (later / "A02_s2_GFP_taxol.tif").rename(later / "A02_s2_GFP_DMSO.tif")
+    code, out, err = await cellmesh("ingest", str(later), "--plate", "M1", "--pattern", pattern, "--quiet")
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT: ") and "metadata Compound as 'taxol' and 'DMSO'" in err, (
+        err
+    )

@@ -476,3 +476,56 @@ def test_namesandtypes_single_images_are_refused(shared_data: Path) -> None:
     source = source.replace("Single images count:0", "Single images count:1")
     with pytest.raises(PipelineError, match="assigns 1 single image"):
         cppipe.parse_for_sites(source)
+
+
+def grouped(text: str, *categories: str, enabled: bool = True) -> str:
+    """`text` with its Groups module set to group by `categories`."""
+    head = "Groups:[module_num:4"
+    start = text.index(head)
+    end = text.index("\n\n", start)
+    block = text[start:end]
+    first = block.splitlines()[0]
+    if not enabled:
+        first = first.replace("enabled:True", "enabled:False")
+    lines = [
+        first,
+        "    Do you want to group your images?:Yes",
+        f"    grouping metadata count:{len(categories)}",
+    ]
+    lines += [f"    Metadata category:{c}" for c in categories]
+    return text[:start] + "\n".join(lines) + text[end:]
+
+
+def test_grouping_keys_come_from_the_groups_module_when_it_groups() -> None:
+    illum = (REPO / "examples" / "pipelines" / "illum_dna.cppipe").read_text()
+    assert cppipe.grouping_keys(cppipe.parse(illum)) == []
+    assert cppipe.grouping_keys(cppipe.parse(grouped(illum, "Well"))) == ["Well"]
+    assert cppipe.grouping_keys(cppipe.parse(grouped(illum, "Plate", "Compound"))) == ["Plate", "Compound"]
+    # A disabled Groups module does not group; "None" is no key.
+    assert cppipe.grouping_keys(cppipe.parse(grouped(illum, "Well", enabled=False))) == []
+    assert cppipe.grouping_keys(cppipe.parse(grouped(illum, "None"))) == []
+    # Saying Yes but keeping the categories of a "No" leaves it ungrouped too.
+    no = illum.replace("Do you want to group your images?:No", "Do you want to group your images?:Yes")
+    assert cppipe.grouping_keys(cppipe.parse(no)) == []
+
+
+def test_grouping_keys_of_a_loaddata_pipeline() -> None:
+    def loaddata(group: str, tags: str) -> str:
+        return (
+            "CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\nDateRevision:421\nGitHash:\n"
+            "ModuleCount:1\nHasImagePlaneDetails:False\n\n"
+            "LoadData:[module_num:1|svn_version:'Unknown'|variable_revision_number:6|show_window:False|"
+            "notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]\n"
+            "    Input data file location:Default Input Folder|\n"
+            "    Name of the file:load_data.csv\n"
+            "    Load images based on this data?:Yes\n"
+            "    Base image location:None|\n"
+            "    Process just a range of rows?:No\n"
+            "    Rows to process:1,100000\n"
+            f"    Group images by metadata?:{group}\n"
+            f"    Select metadata tags for grouping:{tags}\n"
+            "    Rescale intensities?:Yes\n"
+        )
+
+    assert cppipe.grouping_keys(cppipe.parse(loaddata("Yes", "Plate,Well"))) == ["Plate", "Well"]
+    assert cppipe.grouping_keys(cppipe.parse(loaddata("No", "Plate,Well"))) == []

@@ -63,6 +63,7 @@ async def make_claim(
     pipeline: types_pb2.PipelineRef,
     images: dict[str, tuple[Path, str]],
     tables: list[str],
+    metadata: dict[str, str] | None = None,
 ) -> catalog_pb2.SiteClaim:
     """A claim of site D03/0 of plate P1: channel -> (the file's bytes, the name it is registered under)."""
     site = types_pb2.SiteRef(plate="P1", well="D03", site=0)
@@ -75,6 +76,7 @@ async def make_claim(
                 channel=channel,
                 file_name=file_name,
                 object=types_pb2.ObjectRef(key=stored.key, size=stored.size, sha256=stored.sha256),
+                metadata=metadata or {},
             )
         )
     return catalog_pb2.SiteClaim(
@@ -252,11 +254,13 @@ async def test_a_loaddata_pipeline_gives_the_values_of_the_namesandtypes_one(
     pipeline = await put_pipeline(store, path)
     # Named like nothing NamesAndTypes knows: LoadData's CSV says which is which.
     images = {channel: (IMAGES / name, f"{channel.lower()}.tif") for channel, name in CHANNEL_FILES.items()}
-    claim = await make_claim(store, pipeline, images, TABLES)
+    # The site's metadata (the ingest pattern's other groups) reaches the Image table.
+    claim = await make_claim(store, pipeline, images, TABLES, {"Timepoint": "T07", "Compound": "DMSO"})
     outcome, tables = await run_claim(store, runners[mode], claim, tmp_path / "run")
     assert isinstance(outcome, Success), outcome
     (row,) = tables["Image.csv"]
     assert (row["Metadata_Plate"], row["Metadata_Well"], row["Metadata_Site"]) == ("P1", "D03", "0")
+    assert (row["Metadata_Timepoint"], row["Metadata_Compound"]) == ("T07", "DMSO")
     assert row["FileName_DNA"] == "dna.tif"
     assert_same_values(tables, reference[mode])
 

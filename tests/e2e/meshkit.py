@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
@@ -70,7 +71,7 @@ async def assert_nothing_lost(
     """Every site is done or failed-with-reason exactly once, and every result
     file listed exists with its checksum."""
     sites = list(
-        (await catalog.ListSites(catalog_pb2.ListSitesRequest(plate=plate, with_results=True))).sites
+        await pages.all_site_jobs(catalog, catalog_pb2.ListSitesRequest(plate=plate, with_results=True))
     )
     keys = [(j.site.well, j.site.site) for j in sites]
     assert len(keys) == len(set(keys)) == expected_sites, f"{len(keys)} site jobs for {expected_sites} sites"

@@ -23,6 +23,8 @@ class FakeCatalog(catalog_pb2_grpc.CatalogServiceServicer):
         self.generation: dict[str, int] = {}  # plate -> its run's generation
         self.reports: dict[str, list[catalog_pb2.PlateReport]] = {}
         self.list_sites_requests: list[catalog_pb2.ListSitesRequest] = []
+        # Small pages, so every reduce walks several of them as on a big plate.
+        self.sites_page_size = 5
         self.register_calls = 0
 
     async def GetPlate(
@@ -45,15 +47,18 @@ class FakeCatalog(catalog_pb2_grpc.CatalogServiceServicer):
         self.list_sites_requests.append(request)
         if request.plate not in self.plates:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no plate {request.plate!r}")
+        start = int(request.page_token or 0)
+        every = self.jobs.get(request.plate, [])
+        end = start + self.sites_page_size
         jobs = []
-        for job in self.jobs.get(request.plate, []):
+        for job in every[start:end]:
             copy = catalog_pb2.SiteJob()
             copy.CopyFrom(job)
             if not request.with_results:
                 copy.ClearField("results")
                 copy.ClearField("provenance")
             jobs.append(copy)
-        return catalog_pb2.ListSitesResponse(sites=jobs)
+        return catalog_pb2.ListSitesResponse(sites=jobs, next_page_token=str(end) if end < len(every) else "")
 
     async def GetPlateReport(
         self, request: catalog_pb2.GetPlateReportRequest, context: Context

@@ -148,7 +148,9 @@ async def test_reduce_run_stores_and_registers_the_report(mesh: Mesh, tmp_path: 
         ("B02", 2): (types_pb2.SITE_STATE_FAILED, "CellProfiler exited 1: IdentifyPrimaryObjects"),
         ("B03", 1): (types_pb2.SITE_STATE_QUEUED, "not done yet (queued)"),
     }
-    assert mesh.catalog.list_sites_requests[-1].with_results
+    # Twelve jobs in pages of five: the reducer followed every page token.
+    tokens = [r.page_token for r in mesh.catalog.list_sites_requests]
+    assert tokens == ["", "5", "10"] and all(r.with_results for r in mesh.catalog.list_sites_requests)
 
     kinds = {f.name: f.kind for f in report.files}
     assert kinds == {

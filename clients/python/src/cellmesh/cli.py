@@ -202,6 +202,9 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
     print(f"  tables    {', '.join(p.tables) or '(none: the files it saves)'}", file=out)
     scope = "per plate (a plate stage)" if p.scope == types_pb2.PIPELINE_SCOPE_PLATE else "per site"
     print(f"  runs      {scope}{': ' + '; '.join(p.scope_reasons) if p.scope_reasons else ''}", file=out)
+    if p.group_by:
+        keys = ", ".join(f"Metadata_{k}" for k in p.group_by)
+        print(f"  groups    by {keys} (the Groups module)", file=out)
     for a in p.attachments:
         print(f"  attached  {a.name} ({a.object.size} bytes, sha256 {a.object.sha256[:12]})", file=out)
     for name in p.stage_inputs:
@@ -413,10 +416,11 @@ async def cmd_sites(client: CellmeshClient, args: argparse.Namespace, out: TextI
             s.attempt,
             _failure_name(s.failure_class),
             " ".join(s.failure_reason.split()),
+            ",".join(f"{k}={v}" for k, v in sorted(s.metadata.items())),
         )
         for s in sites
     ]
-    _table(rows, ("WELL", "SITE", "STATE", "ATTEMPT", "FAILURE", "MESSAGE"), out)
+    _table(rows, ("WELL", "SITE", "STATE", "ATTEMPT", "FAILURE", "MESSAGE", "METADATA"), out)
     print(f"{len(sites)} site(s)", file=sys.stderr)
 
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cellmesh import keys
+from cellmesh import keys, pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
@@ -339,15 +339,35 @@ class CellmeshClient:
         pipeline_sha256: str = "",
         with_results: bool = False,
     ) -> list[catalog_pb2.SiteJob]:
-        """A plate's site jobs in (well, site) order, optionally only those in
-        `states` (e.g. `[SiteState.SITE_STATE_FAILED]`). The pipeline defaults
-        to the plate's first one. `with_results` adds result files and
-        provenance."""
+        """A plate's site jobs in plate order (well row, column, site),
+        optionally only those in `states` (e.g.
+        `[SiteState.SITE_STATE_FAILED]`). The pipeline defaults to the plate's
+        first one. `with_results` adds result files and provenance. Walks
+        every page; `iter_sites` yields them without holding the plate."""
+        return [job async for job in self.iter_sites(plate, states, pipeline_sha256, with_results)]
+
+    async def iter_sites(
+        self,
+        plate: str,
+        states: Iterable[types_pb2.SiteState.ValueType] = (),
+        pipeline_sha256: str = "",
+        with_results: bool = False,
+        page_size: int = 0,
+    ) -> AsyncIterator[catalog_pb2.SiteJob]:
+        """The same jobs as `list_sites`, one ListSites page (`page_size`,
+        default the catalog's 500) at a time."""
         request = catalog_pb2.ListSitesRequest(
-            plate=plate, pipeline_sha256=pipeline_sha256, states=list(states), with_results=with_results
+            plate=plate,
+            pipeline_sha256=pipeline_sha256,
+            states=list(states),
+            with_results=with_results,
+            page_size=page_size,
         )
-        reply = await _rpc(self._catalog.ListSites(request, timeout=self.timeout))
-        return list(reply.sites)
+        try:
+            async for job in pages.site_jobs(self._catalog, request, self.timeout):
+                yield job
+        except grpc.aio.AioRpcError as exc:
+            raise CellmeshError(exc.code(), exc.details() or "") from exc
 
     async def failed_sites(self, plate: str, pipeline_sha256: str = "") -> list[catalog_pb2.SiteJob]:
         """The plate's sites that failed for good, each with its failure class

@@ -5,8 +5,11 @@ is still writing into it:
 
 1. Each file name is read with a regular expression with named groups, the
    way CellProfiler's Metadata module does: `Well` (or `WellRow` and
-   `WellColumn`), `Channel`, and optionally `Plate` and `Site`. For example
-   BBBC013's `Channel1-01-A-01.tif`::
+   `WellColumn`), `Channel`, and optionally `Plate` and `Site`. Every other
+   group (here `ImageNumber`; `Timepoint`, `Compound`, ...) is the site's
+   metadata, which pipelines see as `Metadata_<name>`; every image of a site
+   must give it the same values. For example BBBC013's
+   `Channel1-01-A-01.tif`::
 
        Channel(?P<Channel>\\d)-(?P<ImageNumber>\\d+)-(?P<WellRow>[A-P])-(?P<WellColumn>\\d+)\\.tif
 
@@ -116,6 +119,8 @@ class ImageFile:
     channel: str
     size: int
     mtime_ns: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The pattern's other named groups (those that matched)."""
 
     @property
     def file_name(self) -> str:
@@ -149,6 +154,11 @@ class ParsedName:
     well: str
     site: int
     channel: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+#: Groups that say which site and channel a file is; every other group is metadata.
+SITE_GROUPS = frozenset({"Plate", "Well", "WellRow", "WellColumn", "Site", "Channel"})
 
 
 class FileNameParser:
@@ -157,8 +167,9 @@ class FileNameParser:
     `pattern` is searched in the file name (as CellProfiler does). Its named
     groups: `Channel` (required); `Well`, or `WellRow` and `WellColumn`
     (required); `Plate` (else `plate`); `Site` (else `site`). Other groups
-    (e.g. `ImageNumber`) are ignored. With a `channel_map`, every channel
-    value must be in it.
+    (e.g. `ImageNumber`, `Timepoint`) are the site's metadata; a group that
+    did not take part in the match is left out. With a `channel_map`, every
+    channel value must be in it.
     """
 
     def __init__(
@@ -224,7 +235,10 @@ class FileNameParser:
             channel = self.channel_map[raw]
         else:
             channel = raw
-        return ParsedName(plate, well, site, channel)
+        metadata = {
+            name: value for name, value in values.items() if name not in SITE_GROUPS and value is not None
+        }
+        return ParsedName(plate, well, site, channel, metadata)
 
 
 @dataclass
@@ -264,7 +278,14 @@ def scan_folder(folder: Path, parser: FileNameParser, recursive: bool = False) -
         except FileNotFoundError:
             continue  # removed since the listing: nothing to report
         image = ImageFile(
-            path, parsed.plate, parsed.well, parsed.site, parsed.channel, stat.st_size, stat.st_mtime_ns
+            path,
+            parsed.plate,
+            parsed.well,
+            parsed.site,
+            parsed.channel,
+            stat.st_size,
+            stat.st_mtime_ns,
+            parsed.metadata,
         )
         first = slots.setdefault(image.slot, path)
         if first != path:
@@ -532,6 +553,7 @@ class Ingester:
             object=ref,
             file_name=image.file_name,
             replace=registered is not None,
+            metadata=dict(image.metadata),
         )
 
     async def watch(

@@ -133,6 +133,7 @@ class Pipeline(_message.Message):
     STAGE_INPUTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     SCOPE_REASONS_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people, from the first registration."""
     scope: _types_pb2.PipelineScope.ValueType
@@ -179,6 +180,14 @@ class Pipeline(_message.Message):
         "asked for at registration").
         """
 
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The metadata keys its image sets are grouped by, in order (the Groups
+        module's "Metadata category" settings, or LoadData's grouping tags;
+        e.g. "Well" for Metadata_Well, "Compound" for a site metadata key).
+        Empty when the pipeline does not group.
+        """
+
     def __init__(
         self,
         *,
@@ -192,10 +201,11 @@ class Pipeline(_message.Message):
         stage_inputs: _abc.Iterable[_builtins.str] | None = ...,
         scope: _types_pb2.PipelineScope.ValueType = ...,
         scope_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "stage_inputs", b"stage_inputs", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "created_at", b"created_at", "group_by", b"group_by", "image_names", b"image_names", "modules", b"modules", "name", b"name", "ref", b"ref", "scope", b"scope", "scope_reasons", b"scope_reasons", "stage_inputs", b"stage_inputs", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -820,11 +830,32 @@ class ImageRegistration(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SITE_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     OBJECT_FIELD_NUMBER: _builtins.int
     FILE_NAME_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
     """The channel, one the plate declares."""
     file_name: _builtins.str
@@ -841,6 +872,20 @@ class ImageRegistration(_message.Message):
     def object(self) -> _types_pb2.ObjectRef:
         """Where the image is stored, with size and checksum."""
 
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The site's other metadata, as the ingest pattern's other named groups
+        read it from the file name (e.g. {"Timepoint": "T01", "Compound":
+        "DMSO"}). Keys are CellProfiler metadata names (a letter or "_", then
+        letters, digits or "_"; at most 64 characters; not Plate, Well or Site,
+        which the site says); values at most 255 characters, without control
+        characters, "/" or "\\\\". Every image of a site must agree: a key that
+        already has another value for the site is refused (FAILED_PRECONDITION),
+        as are two images of one request that disagree (INVALID_ARGUMENT). Keys
+        the site does not have yet are added. Pipelines see them as
+        Metadata_<key> (LoadData's CSV).
+        """
+
     def __init__(
         self,
         *,
@@ -849,10 +894,11 @@ class ImageRegistration(_message.Message):
         object: _types_pb2.ObjectRef | None = ...,
         file_name: _builtins.str = ...,
         replace: _builtins.bool = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "file_name", b"file_name", "object", b"object", "replace", b"replace", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "file_name", b"file_name", "metadata", b"metadata", "object", b"object", "replace", b"replace", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,11 +962,32 @@ class Image(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SITE_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     OBJECT_FIELD_NUMBER: _builtins.int
     FILE_NAME_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
     """The channel."""
     file_name: _builtins.str
@@ -937,6 +1004,12 @@ class Image(_message.Message):
     def registered_at(self) -> _timestamp_pb2.Timestamp:
         """When it was registered."""
 
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Its site's metadata (ImageRegistration.metadata of every image of the
+        site), the same for every image of the site.
+        """
+
     def __init__(
         self,
         *,
@@ -945,10 +1018,11 @@ class Image(_message.Message):
         object: _types_pb2.ObjectRef | None = ...,
         file_name: _builtins.str = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "registered_at", b"registered_at", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "file_name", b"file_name", "object", b"object", "registered_at", b"registered_at", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "file_name", b"file_name", "metadata", b"metadata", "object", b"object", "registered_at", b"registered_at", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1628,6 +1702,26 @@ class SiteJob(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
     PIPELINE_SHA256_FIELD_NUMBER: _builtins.int
@@ -1643,6 +1737,7 @@ class SiteJob(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Its id."""
     pipeline_sha256: _builtins.str
@@ -1687,6 +1782,12 @@ class SiteJob(_message.Message):
     def provenance(self) -> Global___Provenance:
         """Provenance of the result, when done."""
 
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The site's metadata (see ImageRegistration.metadata); empty for a plate
+        stage's job.
+        """
+
     def __init__(
         self,
         *,
@@ -1705,10 +1806,11 @@ class SiteJob(_message.Message):
         provenance: Global___Provenance | None = ...,
         execution_id: _builtins.str = ...,
         scope: _types_pb2.PipelineScope.ValueType = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "provenance", b"provenance", "ready_at", b"ready_at", "site", b"site", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "failure_class", b"failure_class", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "id", b"id", "pipeline_sha256", b"pipeline_sha256", "provenance", b"provenance", "ready_at", b"ready_at", "results", b"results", "scope", b"scope", "site", b"site", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_id", b"execution_id", "failure_class", b"failure_class", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "id", b"id", "metadata", b"metadata", "pipeline_sha256", b"pipeline_sha256", "provenance", b"provenance", "ready_at", b"ready_at", "results", b"results", "scope", b"scope", "site", b"site", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1724,12 +1826,23 @@ class ListSitesRequest(_message.Message):
     PIPELINE_SHA256_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
     WITH_RESULTS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     plate: _builtins.str
     """The plate's name."""
     pipeline_sha256: _builtins.str
     """Only this pipeline's jobs (default: the plate's first pipeline)."""
     with_results: _builtins.bool
     """Include result files and provenance."""
+    page_size: _builtins.int
+    """At most this many jobs in one reply (default 500, maximum 2,000; more
+    is refused). A page also ends before it would pass 3.5 MiB, so a reply
+    may hold fewer; keep calling while next_page_token is set.
+    """
+    page_token: _builtins.str
+    """From ListSitesResponse.next_page_token, to continue after its last job;
+    valid only with the same plate and pipeline.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.SiteState.ValueType]:
         """Only jobs in these states (default: all)."""
@@ -1741,10 +1854,12 @@ class ListSitesRequest(_message.Message):
         pipeline_sha256: _builtins.str = ...,
         states: _abc.Iterable[_types_pb2.SiteState.ValueType] | None = ...,
         with_results: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "states", b"states", "with_results", b"with_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "states", b"states", "with_results", b"with_results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1757,18 +1872,22 @@ class ListSitesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SITES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token to get the jobs after these; empty at the end."""
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteJob]:
-        """The jobs, in (well, site) order."""
+        """The jobs, in plate order: well row, well column, site."""
 
     def __init__(
         self,
         *,
         sites: _abc.Iterable[Global___SiteJob] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sites", b"sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -293,7 +293,8 @@ class CatalogServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSites(self, request, context):
-        """Lists a plate's site jobs with their state, failure and results.
+        """Lists a plate's site jobs with their state, failure and results, in
+        plate order, one bounded page at a time (next_page_token continues).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -91,7 +91,9 @@ class CatalogServiceStub:
     site is claimed again with a new attempt.
     """
     ListSites: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListSitesRequest, _catalog_pb2.ListSitesResponse]
-    """Lists a plate's site jobs with their state, failure and results."""
+    """Lists a plate's site jobs with their state, failure and results, in
+    plate order, one bounded page at a time (next_page_token continues).
+    """
     RequeueSites: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RequeueSitesRequest, _catalog_pb2.RequeueSitesResponse]
     """Puts failed (or given sites') jobs of a plate back to READY."""
     GetPlateProgress: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetPlateProgressRequest, _catalog_pb2.GetPlateProgressResponse]
@@ -175,7 +177,9 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     site is claimed again with a new attempt.
     """
     ListSites: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListSitesRequest, _catalog_pb2.ListSitesResponse]  # type: ignore[assignment]
-    """Lists a plate's site jobs with their state, failure and results."""
+    """Lists a plate's site jobs with their state, failure and results, in
+    plate order, one bounded page at a time (next_page_token continues).
+    """
     RequeueSites: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RequeueSitesRequest, _catalog_pb2.RequeueSitesResponse]  # type: ignore[assignment]
     """Puts failed (or given sites') jobs of a plate back to READY."""
     GetPlateProgress: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetPlateProgressRequest, _catalog_pb2.GetPlateProgressResponse]  # type: ignore[assignment]
@@ -358,7 +362,9 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.ListSitesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ListSitesResponse, _abc.Awaitable[_catalog_pb2.ListSitesResponse]]:
-        """Lists a plate's site jobs with their state, failure and results."""
+        """Lists a plate's site jobs with their state, failure and results, in
+        plate order, one bounded page at a time (next_page_token continues).
+        """
 
     @_abc_1.abstractmethod
     def RequeueSites(
