@@ -81,6 +81,13 @@ CATALOG_VARS = (
         "a queued site no worker started within this is presumed lost by the broker and issued again",
     ),
     Var(
+        "REDUCE_DEADLINE_S",
+        "1800",
+        positive_float,
+        "a queued reduce that registered no report within this is issued again (keep it above the longest reduce); "
+        "after MAX_ATTEMPTS it fails",
+    ),
+    Var(
         "START_LEASE_S",
         "600",
         positive_float,
@@ -139,6 +146,7 @@ class CatalogSettings:
                 transient_budget_s=v["SITE_TRANSIENT_BUDGET_S"],
                 queue_deadline_s=v["QUEUE_DEADLINE_S"],
                 start_lease_s=v["START_LEASE_S"],
+                reduce_deadline_s=v["REDUCE_DEADLINE_S"],
             ),
             migrate_on_start=v["CATALOG_MIGRATE_ON_START"],
             sweep_interval_seconds=v["SWEEP_INTERVAL_S"],

@@ -262,6 +262,8 @@ class Progress:
     failed: int
     report_version: int
     complete: bool
+    reduce_failed: bool = False
+    reduce_failure_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class Policy:
     queue_deadline_s: float = 1800.0
     # A started job whose worker gave no lease: it must renew within this.
     start_lease_s: float = 600.0
+    # A reduce on the broker or in a reducer: if no report is registered
+    # within this, it is issued again; after max_attempts it fails.
+    reduce_deadline_s: float = 1800.0
 
 
 @dataclass(frozen=True)

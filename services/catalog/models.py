@@ -116,6 +116,10 @@ class RunRow(Base):
     reduce_claim_generation: Mapped[int] = mapped_column(Integer, default=0)
     reduce_claim_expires_at: Mapped[datetime | None]
     reduce_queued_generation: Mapped[int] = mapped_column(Integer, default=0)
+    # Times the reduce of `reduce_claim_generation` was issued, and why it
+    # failed for good when it did (see services/catalog/lifecycle.py).
+    reduce_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reduce_failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     # `domain.Gate`: whether the plate-scope stages before this run let its
     # jobs run (see CatalogStore._gate_stages).

@@ -508,7 +508,10 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                         f"site {s.well} {s.site} names plate {s.plate!r}, but the request is for {request.plate!r}"
                     )
             count = await self.store.requeue_sites(
-                request.plate, request.pipeline_sha256, [(s.well, s.site) for s in request.sites]
+                request.plate,
+                request.pipeline_sha256,
+                [(s.well, s.site) for s in request.sites],
+                reduce=request.reduce,
             )
             return catalog_pb2.RequeueSitesResponse(requeued=count)
 
@@ -535,8 +538,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             if progress != last:
                 yield catalog_pb2.WatchPlateProgressResponse(progress=_progress(progress))
                 last = progress
-            if progress.complete:
-                return
+            if progress.complete or progress.reduce_failed:
+                return  # nothing more happens to this plate until someone acts
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), self._watch_poll)
                 await asyncio.sleep(WATCH_COALESCE_SECONDS)
@@ -773,6 +776,8 @@ def _progress(p: d.Progress) -> catalog_pb2.PlateProgress:
         failed=p.failed,
         report_version=p.report_version,
         complete=p.complete,
+        reduce_failed=p.reduce_failed,
+        reduce_failure_reason=p.reduce_failure_reason,
     )
 
 

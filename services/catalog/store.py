@@ -649,7 +649,8 @@ class CatalogStore:
         await session.execute(
             update(RunRow)
             .where(RunRow.id == run_id)
-            .values(generation=RunRow.generation + by)
+            # New results: a reduce that failed on the old ones may be tried again.
+            .values(generation=RunRow.generation + by, reduce_failure_reason=None)
             .execution_options(synchronize_session=False)
         )
 
@@ -1615,11 +1616,17 @@ class CatalogStore:
         return await self._run(work)
 
     async def requeue_sites(
-        self, plate_name: str, pipeline_sha256: str = "", sites: Sequence[tuple[str, int]] = ()
+        self,
+        plate_name: str,
+        pipeline_sha256: str = "",
+        sites: Sequence[tuple[str, int]] = (),
+        reduce: bool = False,
     ) -> int:
         """Puts the given sites' jobs (default: every FAILED job) back to READY,
         keeping their attempt so that tasks already out are skipped as stale.
-        A named site that is running is taken from its worker the same way."""
+        A named site that is running is taken from its worker the same way.
+        With `reduce`, a failed reduce is issued again too (and, with no
+        sites named, only that)."""
         keys = []
         for well, site in sites:
             keys.append((*_check(validate.parse_well, well), _check(validate.check_site, site)))
@@ -1628,6 +1635,19 @@ class CatalogStore:
             plate, run, pipeline = await self._resolve_run(
                 session, plate_name, pipeline_sha256, lock_plate=True
             )
+            if reduce:
+                if pipeline.scope == int(Scope.PLATE):
+                    raise FailedPrecondition(
+                        f"plate {plate.name!r}: pipeline {_pipeline_label(pipeline)} is a plate stage; "
+                        "it has no reduce (requeue the stage itself)"
+                    )
+                await session.refresh(run, with_for_update=True)
+                run.reduce_failure_reason = None
+                run.reduce_attempts = 0
+                run.reduce_claim_generation = 0
+                run.reduce_claim_expires_at = None
+                if not keys:
+                    return 0, plate.name
             if pipeline.scope == int(Scope.PLATE):
                 return await self._requeue_stage(session, plate, run, pipeline, bool(keys)), plate.name
             query = (
@@ -1745,6 +1765,8 @@ class CatalogStore:
                 done=counts[int(SiteState.DONE)],
                 failed=counts[int(SiteState.FAILED)],
                 report_version=version or 0,
+                reduce_failed=bool(run.reduce_failure_reason) and run.reduced_generation < run.generation,
+                reduce_failure_reason=run.reduce_failure_reason or "",
                 complete=bool(
                     plate.sites_known
                     and total > 0
@@ -1763,14 +1785,16 @@ class CatalogStore:
         self, scheduler_id: str, max_runs: int, lease_seconds: int = 0
     ) -> list[RunClaim]:
         """Claims runs whose sites are all settled and whose latest generation
-        has not been reduced (nor queued for reduction)."""
+        has not been reduced, nor queued for reduction within the reduce
+        deadline. A reduce issued `max_attempts` times without a report fails
+        (PlateProgress.reduce_failed) instead of being issued forever."""
         if not scheduler_id:
             raise InvalidArgument("scheduler_id is required (who claims, for status and logs)")
         if not 1 <= max_runs <= MAX_CLAIM_RUNS:
             raise InvalidArgument(f"max_runs {max_runs} is out of range: ask for 1 to {MAX_CLAIM_RUNS} runs")
         lease = _lease(lease_seconds)
 
-        async def work(session: AsyncSession) -> list[RunClaim]:
+        async def work(session: AsyncSession) -> tuple[list[RunClaim], set[str]]:
             now = utcnow()
             open_claim = or_(RunRow.reduce_claim_expires_at.is_(None), RunRow.reduce_claim_expires_at < now)
             candidates = list(
@@ -1782,15 +1806,16 @@ class CatalogStore:
                         PlateRow.sites_known.is_(True),
                         PipelineRow.scope != int(Scope.PLATE),
                         RunRow.generation > RunRow.reduced_generation,
-                        RunRow.generation > RunRow.reduce_queued_generation,
+                        RunRow.reduce_failure_reason.is_(None),
                         open_claim,
                     )
                     .order_by(RunRow.id)
                 )
             )
             if not candidates:
-                return []
+                return [], set()
             claims: list[RunClaim] = []
+            failed_plates: set[str] = set()
             for part in chunks(candidates, 200):
                 if len(claims) >= max_runs:
                     break
@@ -1806,11 +1831,7 @@ class CatalogStore:
                     if len(claims) >= max_runs:
                         break
                     live = run.reduce_claim_expires_at is not None and run.reduce_claim_expires_at >= now
-                    if (
-                        live
-                        or run.generation <= run.reduced_generation
-                        or run.generation <= run.reduce_queued_generation
-                    ):
+                    if live or run.generation <= run.reduced_generation or run.reduce_failure_reason:
                         continue
                     # Existence checks on the (run_id, state) index: they stop at
                     # the first row, however large the run.
@@ -1823,13 +1844,36 @@ class CatalogStore:
                         session, run.id, [SiteState.FAILED]
                     ):
                         continue
+                    if run.reduce_claim_generation == run.generation:
+                        # Issued before and its deadline passed with no report.
+                        if run.reduce_attempts >= self.policy.max_attempts:
+                            run.reduce_failure_reason = (
+                                f"the reduce of generation {run.generation} was issued {run.reduce_attempts} "
+                                "times and never registered a report (reducers killed on it, out of memory, "
+                                "or its task dead-lettered); see the reducer's log, then "
+                                f"`cellmesh requeue {plate.name} --reduce`"
+                            )
+                            run.reduce_claim_expires_at = None
+                            log.error("plate %s: %s", plate.name, run.reduce_failure_reason)
+                            failed_plates.add(plate.name)
+                            continue
+                        log.warning(
+                            "plate %s: the reduce of generation %d passed its deadline; issuing it again",
+                            plate.name,
+                            run.generation,
+                        )
+                        run.reduce_attempts += 1
+                    else:
+                        run.reduce_attempts = 1
                     run.reduce_claimed_by = scheduler_id[:200]
                     run.reduce_claim_generation = run.generation
                     run.reduce_claim_expires_at = now + timedelta(seconds=lease)
                     claims.append(RunClaim(plate.name, pipeline.sha256, pipeline.key, run.generation))
-            return claims
+            return claims, failed_plates
 
-        return await self._run(work)
+        claims, failed_plates = await self._run(work)
+        self.changes.notify(failed_plates)
+        return claims
 
     async def _run_has(self, session: AsyncSession, run_id: int, states: Sequence[SiteState]) -> bool:
         found = await session.scalar(
@@ -1853,12 +1897,13 @@ class CatalogStore:
                 await session.refresh(run, with_for_update=True)
                 if run.reduce_claim_generation != generation:
                     continue
-                if generation > run.reduce_queued_generation:
+                if generation >= run.reduce_queued_generation:
+                    # First queued, or issued again after its deadline (a replay
+                    # of this call lands here too, and only moves the deadline on).
                     run.reduce_queued_generation = generation
-                    run.reduce_claim_expires_at = None
+                    # The deadline of the reduce in flight: a report by then, or it is issued again.
+                    run.reduce_claim_expires_at = utcnow() + timedelta(seconds=self.policy.reduce_deadline_s)
                     marked += 1
-                elif generation == run.reduce_queued_generation:
-                    marked += 1  # queued by this same call before: a replay
             return marked
 
         return await self._run(work)

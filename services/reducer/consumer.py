@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 
 from cellmesh.catalog.v1 import catalog_pb2
@@ -107,6 +109,11 @@ class ReduceConsumer:
             delivery.requeue()
             return
         run = task.run
+        if os.environ.get("CELLMESH_FAILPOINT") == "reducer.kill_on_reduce":
+            # Fault injection for tests: die on every reduce, as a reducer
+            # killed by the kernel for memory would.
+            log.error("failpoint reducer.kill_on_reduce: killing this process")
+            os.kill(os.getpid(), signal.SIGKILL)
         try:
             report = await with_backoff(
                 lambda: self.reduce_run(run),

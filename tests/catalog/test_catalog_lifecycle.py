@@ -214,3 +214,40 @@ async def test_a_site_that_takes_every_worker_down_fails_for_good(catalog: Catal
     assert failed.state == types_pb2.SITE_STATE_FAILED
     assert failed.failure_class == FC.FAILURE_CLASS_TIMEOUT
     assert "stopped renewing the lease" in failed.failure_reason
+
+
+async def test_a_reduce_that_never_reports_fails_instead_of_wedging_the_plate(catalog: Catalog) -> None:
+    # A reduce whose task is dead-lettered (reducers killed on it, out of
+    # memory) was only logged: the run kept its queued generation and the
+    # plate was never claimed again, nor ever complete.
+    from tests.catalog.kit import run_to_done
+    from tests.catalog.test_catalog_progress import claim_runs, progress, register_report
+
+    policy(catalog, reduce_deadline_s=0.4, max_attempts=2)
+    claim = await one_site(catalog)
+    await run_to_done(catalog.stub, claim)
+    await catalog.stub.FinishAcquisition(catalog_pb2.FinishAcquisitionRequest(plate="P1"))
+    for _attempt in (1, 2):
+        (run,) = await claim_runs(catalog)
+        marked = await catalog.stub.MarkRunsQueued(
+            catalog_pb2.MarkRunsQueuedRequest(scheduler_id="s1", runs=[run])
+        )
+        assert marked.marked == 1
+        assert await claim_runs(catalog) == []  # in flight, within its deadline
+        await asyncio.sleep(0.5)  # ... and no report came
+    assert await claim_runs(catalog) == []  # issued twice: it fails now
+    failed = await progress(catalog)
+    assert failed.reduce_failed and not failed.complete
+    assert "issued 2 times and never registered a report" in failed.reduce_failure_reason
+    assert "cellmesh requeue P1 --reduce" in failed.reduce_failure_reason
+    # The progress stream ends on it, so `cellmesh follow` does too.
+    stream = catalog.stub.WatchPlateProgress(catalog_pb2.WatchPlateProgressRequest(plate="P1"))
+    updates = [u.progress async for u in stream]
+    assert updates[-1].reduce_failed
+    # An operator issues it again, alone; this time a report comes.
+    reply = await catalog.stub.RequeueSites(catalog_pb2.RequeueSitesRequest(plate="P1", reduce=True))
+    assert reply.requeued == 0
+    assert not (await progress(catalog)).reduce_failed
+    (run,) = await claim_runs(catalog)
+    assert (await register_report(catalog, run)).recorded
+    assert (await progress(catalog)).complete

@@ -397,6 +397,10 @@ async def cmd_follow(client: CellmeshClient, args: argparse.Namespace, out: Text
             last = p
     finally:
         bar.close()
+    if last is not None and last.reduce_failed:
+        raise CellmeshError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"the plate's report failed: {last.reduce_failure_reason}"
+        )
     if last is None or not last.report_version:
         raise CellmeshError(
             grpc.StatusCode.UNAVAILABLE, "the progress stream ended before a report was registered"
@@ -426,7 +430,10 @@ async def cmd_sites(client: CellmeshClient, args: argparse.Namespace, out: TextI
 
 async def cmd_requeue(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
     sites = [_site_spec(s) for s in args.site or []]
-    count = await client.requeue(args.plate, sites or None, args.pipeline or "")
+    count = await client.requeue(args.plate, sites or None, args.pipeline or "", reduce=args.reduce)
+    if args.reduce and not sites:
+        print(f"the reduce of plate {args.plate} is issued again", file=out)
+        return
     what = "given" if sites else "failed"
     print(f"requeued {count} {what} site(s) of plate {args.plate}", file=out)
 
@@ -611,6 +618,9 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         help="e.g. A01/0 (repeat; default: every failed site); a running site is taken from its worker",
     )
     p.add_argument("--pipeline", metavar="SHA", help="the pipeline (default: the plate's first)")
+    p.add_argument(
+        "--reduce", action="store_true", help="issue a failed reduce again (alone, unless --site is given)"
+    )
     p.set_defaults(run=cmd_requeue)
 
     p = commands.add_parser("report", help="fetch a plate report's files (heatmaps, tables) into a folder")

@@ -379,12 +379,16 @@ class CellmeshClient:
         plate: str,
         sites: Iterable[types_pb2.SiteRef | tuple[str, int]] | None = None,
         pipeline_sha256: str = "",
+        reduce: bool = False,
     ) -> int:
         """Puts sites back to READY so they run again: every FAILED site, or
-        the given ones (as `SiteRef`s or `("A01", 0)` pairs, in any state but
-        running). Returns how many were requeued."""
+        the given ones (as `SiteRef`s or `("A01", 0)` pairs; a running one is
+        taken from its worker). With `reduce`, a failed reduce is issued again
+        (alone, when no sites are given). Returns how many sites were requeued."""
         refs = [_site_ref(plate, s) for s in sites or ()]
-        request = catalog_pb2.RequeueSitesRequest(plate=plate, pipeline_sha256=pipeline_sha256, sites=refs)
+        request = catalog_pb2.RequeueSitesRequest(
+            plate=plate, pipeline_sha256=pipeline_sha256, sites=refs, reduce=reduce
+        )
         reply = await _rpc(self._catalog.RequeueSites(request, timeout=self.timeout))
         return reply.requeued
 

@@ -1902,13 +1902,20 @@ class RequeueSitesRequest(_message.Message):
     PLATE_FIELD_NUMBER: _builtins.int
     PIPELINE_SHA256_FIELD_NUMBER: _builtins.int
     SITES_FIELD_NUMBER: _builtins.int
+    REDUCE_FIELD_NUMBER: _builtins.int
     plate: _builtins.str
     """The plate's name."""
     pipeline_sha256: _builtins.str
     """The pipeline (default: the plate's first pipeline)."""
+    reduce: _builtins.bool
+    """Also issue the reduce of the latest results again, after it failed
+    (PlateProgress.reduce_failed); with no sites given, only that.
+    """
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SiteRef]:
-        """These sites (any state but running); empty means every FAILED site."""
+        """These sites (any state; a running one is taken from its worker); empty
+        means every FAILED site.
+        """
 
     def __init__(
         self,
@@ -1916,10 +1923,11 @@ class RequeueSitesRequest(_message.Message):
         plate: _builtins.str = ...,
         pipeline_sha256: _builtins.str = ...,
         sites: _abc.Iterable[_types_pb2.SiteRef] | None = ...,
+        reduce: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "sites", b"sites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "reduce", b"reduce", "sites", b"sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1964,6 +1972,8 @@ class PlateProgress(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     REPORT_VERSION_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    REDUCE_FAILED_FIELD_NUMBER: _builtins.int
+    REDUCE_FAILURE_REASON_FIELD_NUMBER: _builtins.int
     plate: _builtins.str
     """The plate."""
     pipeline_sha256: _builtins.str
@@ -1988,6 +1998,14 @@ class PlateProgress(_message.Message):
     """True when every site is done or failed and the report of the latest
     results is registered.
     """
+    reduce_failed: _builtins.bool
+    """True when the reduce of the latest results was issued MAX_ATTEMPTS times
+    and never registered a report (reducers killed on it, its task
+    dead-lettered): nothing more happens until RequeueSites with
+    `reduce` set (`cellmesh requeue PLATE --reduce`).
+    """
+    reduce_failure_reason: _builtins.str
+    """Why the reduce failed, when it did."""
     def __init__(
         self,
         *,
@@ -2002,10 +2020,12 @@ class PlateProgress(_message.Message):
         failed: _builtins.int = ...,
         report_version: _builtins.int = ...,
         complete: _builtins.bool = ...,
+        reduce_failed: _builtins.bool = ...,
+        reduce_failure_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "done", b"done", "failed", b"failed", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "queued", b"queued", "ready", b"ready", "report_version", b"report_version", "running", b"running", "total", b"total", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "done", b"done", "failed", b"failed", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "queued", b"queued", "ready", b"ready", "reduce_failed", b"reduce_failed", "reduce_failure_reason", b"reduce_failure_reason", "report_version", b"report_version", "running", b"running", "total", b"total", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
