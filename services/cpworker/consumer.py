@@ -200,7 +200,13 @@ class SiteConsumer:
             )
             delivery.reject()
             return
-        if self.draining or self.store_problem:
+        if self.draining:
+            log.warning(
+                "handing a site back to the queue (it arrived after this worker stopped taking sites)"
+            )
+            delivery.requeue()
+            return
+        if self.store_problem:
             delivery.requeue()
             return
         site = f"{claim.site.plate}/{claim.site.well}/s{claim.site.site} attempt {claim.attempt}"

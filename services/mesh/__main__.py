@@ -25,7 +25,8 @@ from pathlib import Path
 from cellmesh.meshconfig import config_path
 
 from services.common import logs
-from services.common.settings import S3Settings
+from services.common.settings import S3Settings, SettingsError
+from services.mesh.autoscale import AutoscaleSettings, parse_range
 from services.mesh.demo import DemoOptions, run_demo
 from services.mesh.up import AMQP_URL_ENV, DATABASE_URL_ENV, UpOptions, default_state_dir, down, status, up
 
@@ -47,6 +48,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="CellProfiler workers (default: one per core)",
+    )
+    demo.add_argument(
+        "--autoscale",
+        type=_range,
+        default=None,
+        metavar="MIN:MAX",
+        help="scale the workers between MIN and MAX with the backlog (instead of --workers; AUTOSCALE_* settings)",
     )
     demo.add_argument(
         "--mode", choices=("warm", "cold"), default="warm", help="warm CellProfiler or one process per site"
@@ -85,6 +93,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     up.add_argument(
         "--workers", type=_positive, default=1, help="CellProfiler workers (default 1; one per core at most)"
+    )
+    up.add_argument(
+        "--autoscale",
+        type=_range,
+        default=None,
+        metavar="MIN:MAX",
+        help="scale the workers between MIN and MAX with the backlog (instead of --workers); cool-downs and "
+        "interval from AUTOSCALE_UP_COOLDOWN_S (15), AUTOSCALE_DOWN_COOLDOWN_S (60), AUTOSCALE_INTERVAL_S (5)",
     )
     up.add_argument(
         "--mode",
@@ -148,6 +164,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _range(text: str) -> tuple[int, int]:
+    try:
+        return parse_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _state_dir(args: argparse.Namespace) -> Path:
     return (args.state_dir or default_state_dir()).expanduser().resolve()
 
@@ -185,7 +208,15 @@ def main_local(args: argparse.Namespace) -> int:
         amqp_url=args.amqp_url,
         s3=s3,
         startup_timeout=args.startup_timeout,
+        autoscale=args.autoscale,
     )
+    if args.autoscale is not None:
+        try:  # the settings the supervisor will read, checked before it starts
+            low, high = args.autoscale
+            AutoscaleSettings.from_env({**os.environ, "AUTOSCALE_MIN": str(low), "AUTOSCALE_MAX": str(high)})
+        except (ValueError, SettingsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return up(options, foreground=args.foreground)
 
 
@@ -215,6 +246,15 @@ def main(argv: list[str]) -> int:
         amqp_url=args.amqp_url,
         shared_data=Path(os.environ.get("CELLMESH_SHARED_DATA", REPO.parent / "shared" / "data")),
     )
+    if args.autoscale is not None:
+        low, high = args.autoscale
+        try:
+            options.autoscale = AutoscaleSettings.from_env(
+                {**os.environ, "AUTOSCALE_MIN": str(low), "AUTOSCALE_MAX": str(high)}
+            )
+        except (ValueError, SettingsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         summary = asyncio.run(run_demo(options))
     except KeyboardInterrupt:

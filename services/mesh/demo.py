@@ -26,6 +26,7 @@ from services.common.amqp import AmqpConnection, BrokerUnavailable, Topology
 from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
 from services.common.settings import S3Settings
 from services.mesh import microscope
+from services.mesh.autoscale import Autoscaler, AutoscaleSettings, CatalogBacklog, LocalBackend
 from services.mesh.procs import Proc, ProcessGroup, free_port, port_open
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class DemoOptions:
     work_dir: Path | None = None
     # Called with the object store once its bucket exists, before the catalog starts.
     prepare_store: Callable[[ObjectStore], Awaitable[object]] | None = None
+    # Scale the workers with the backlog (services/mesh/autoscale.py) instead of `workers`.
+    autoscale: AutoscaleSettings | None = None
 
 
 @dataclass
@@ -287,15 +290,27 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
     plate = options.plate or f"demo-{time.strftime('%H%M%S')}"
     images_dir = options.run_dir / "microscope"
     print(f"cellmesh demo: run folder {options.run_dir}", file=sys.stderr)
-    mesh = await start_mesh(options)
+    scaling = options.autoscale
+    mesh = await start_mesh(options, None if scaling is None else scaling.policy.min_replicas)
+    backend = LocalBackend(mesh, options)
+    stop_scaling = asyncio.Event()
+    scaler_task: asyncio.Task[None] | None = None
     try:
+        workers = (
+            f"{options.workers} worker(s)"
+            if scaling is None
+            else f"{scaling.policy.min_replicas} to {scaling.policy.max_replicas} worker(s), autoscaled"
+        )
         print(
-            f"mesh up: catalog {mesh.catalog_addr}, reducer {mesh.reducer_addr}, {options.workers} worker(s) "
+            f"mesh up: catalog {mesh.catalog_addr}, reducer {mesh.reducer_addr}, {workers} "
             f"({options.mode}), S3 {mesh.s3.endpoint_url}, queues {mesh.topology.prefix}.*",
             file=sys.stderr,
         )
         async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            if scaling is not None:
+                scaler = Autoscaler(scaling, backend, CatalogBacklog(catalog))
+                scaler_task = asyncio.create_task(scaler.run(stop_scaling))
             real = options.example == "bbbc013"
             pipeline_file = BBBC013_PIPELINE if real else NUCLEI_PIPELINE
             pipeline = await catalog.RegisterPipeline(
@@ -370,10 +385,19 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
                 f"{j.site.well}/s{j.site.site}: {types_pb2.FailureClass.Name(j.failure_class)}: {j.failure_reason}"
                 for j in failed
             ]
+            if scaling is not None:
+                summary["workers_started"] = backend.started
+                summary["workers_stopped"] = backend.stopped
         print_summary(summary)
         return summary
     finally:
         print("stopping the mesh", file=sys.stderr)
+        stop_scaling.set()
+        if scaler_task is not None:
+            scaler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scaler_task
+        await backend.close()
         await stop_mesh(mesh)
 
 
@@ -445,6 +469,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"heatmap: {', '.join(s['heatmaps']) or '(none)'}",
         f"tables in: {s['report_dir']}",
     ]
+    if "workers_started" in s:
+        lines.append(f"autoscaler: {s['workers_started']} worker(s) started, {s['workers_stopped']} stopped")
     for failure in s.get("failed_sites", [])[:10]:
         lines.append(f"  failed {failure}")
     lines.append("OK" if s["ok"] else "NOT OK: see the logs in the run folder")

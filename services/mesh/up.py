@@ -37,12 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+from cellmesh.catalog.v1 import catalog_pb2_grpc
 from cellmesh.meshconfig import MeshConfig, config_path
 
 from services.common.amqp import Topology
 from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
 from services.common.settings import S3Settings
 from services.mesh import keep
+from services.mesh.autoscale import Autoscaler, AutoscaleSettings, CatalogBacklog, LocalBackend
 from services.mesh.demo import DemoOptions, Mesh, delete_topology, start_mesh, stop_mesh
 from services.mesh.procs import port_open
 
@@ -80,6 +83,8 @@ class UpOptions:
     s3: S3Settings | None = None
     startup_timeout: float = 600.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # (min, max): the supervisor scales the workers (services/mesh/autoscale.py).
+    autoscale: tuple[int, int] | None = None
 
 
 def work_dir(state_dir: Path) -> Path:
@@ -241,10 +246,11 @@ async def supervise(options: UpOptions) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    scaling = _autoscale_settings(options)
     demo = DemoOptions(
         run_dir=state_dir,
         cp_python=options.cp_python,
-        workers=options.workers,
+        workers=options.workers if scaling is None else scaling.policy.min_replicas,
         mode=options.mode,
         database_url=options.database_url,
         amqp_url=options.amqp_url,
@@ -293,14 +299,28 @@ async def supervise(options: UpOptions) -> int:
         print(banner(running), flush=True)
         restarts: dict[str, list[float]] = {}
         given_up: set[str] = set()
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            if stop.is_set():
-                break
-            if _restart_exited(mesh, restarts, given_up):
+        if scaling is not None:
+            backend = LocalBackend(mesh, demo)
+
+            def record() -> None:
                 running["processes"] = _processes(mesh)
                 _write_json(state_dir / RUNNING_FILE, running)
+
+            async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel:
+                scaler = Autoscaler(
+                    scaling, backend, CatalogBacklog(catalog_pb2_grpc.CatalogServiceStub(channel))
+                )
+                scaling_task = asyncio.create_task(scaler.run(stop, on_change=record))
+                try:
+                    await _keep_running(mesh, stop, running, state_dir, restarts, given_up)
+                finally:
+                    # A worker it is starting now is stopped with the others.
+                    scaling_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await scaling_task
+                    await backend.close()
+        else:
+            await _keep_running(mesh, stop, running, state_dir, restarts, given_up)
     finally:
         log.info("stopping the mesh")
         if options.s3 is None:
@@ -320,6 +340,35 @@ async def supervise(options: UpOptions) -> int:
         stopping.cancel()
         log.info("every process of the mesh stopped")
     return 0
+
+
+async def _keep_running(
+    mesh: Mesh,
+    stop: asyncio.Event,
+    running: dict[str, Any],
+    state_dir: Path,
+    restarts: dict[str, list[float]],
+    given_up: set[str],
+) -> None:
+    """Until `stop`: starts again each service that exited (`_restart_exited`)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if stop.is_set():
+            break
+        if _restart_exited(mesh, restarts, given_up):
+            running["processes"] = _processes(mesh)
+            _write_json(state_dir / RUNNING_FILE, running)
+
+
+def _autoscale_settings(options: UpOptions) -> AutoscaleSettings | None:
+    """The autoscaler's settings: MIN:MAX from `--autoscale`, the rest
+    (AUTOSCALE_*_COOLDOWN_S, AUTOSCALE_INTERVAL_S, CP_SLOTS) from the environment."""
+    if options.autoscale is None:
+        return None
+    low, high = options.autoscale
+    env = {**os.environ, **options.extra_env, "AUTOSCALE_MIN": str(low), "AUTOSCALE_MAX": str(high)}
+    return AutoscaleSettings.from_env(env)
 
 
 async def _restore(store: ObjectStore, state_dir: Path) -> None:
@@ -350,7 +399,9 @@ def _describe(mesh: Mesh, options: UpOptions) -> dict[str, Any]:
         # file is readable by its owner only).
         "amqp_url": options.amqp_url,
         "queue_prefix": mesh.topology.prefix,
-        "workers": options.workers,
+        "workers": options.workers
+        if options.autoscale is None
+        else f"{options.autoscale[0]} to {options.autoscale[1]}, autoscaled",
         "processes": _processes(mesh),
     }
 
@@ -514,6 +565,8 @@ def _start_detached(options: UpOptions) -> int:
         "--workers", str(options.workers), "--mode", options.mode,
         "--startup-timeout", str(options.startup_timeout),
     ]  # fmt: skip
+    if options.autoscale is not None:
+        argv += ["--autoscale", f"{options.autoscale[0]}:{options.autoscale[1]}"]
     if options.s3 is not None:
         argv += ["--s3-endpoint", options.s3.endpoint_url or "", "--s3-bucket", options.s3.bucket]
         argv += ["--s3-region", options.s3.region]

@@ -366,3 +366,48 @@ def test_external_store_needs_its_keys(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "needs its keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in result.stderr
+
+
+def test_up_autoscale_starts_a_worker_for_a_plate_and_stops_it_after(
+    tmp_path: Path, shared_data: Path, amqp_url: str
+) -> None:
+    """`cellmesh up --autoscale 0:1`: no worker while nothing waits, one for the
+    README's site, none again once the cool-down has passed; the worker
+    finished its site before it was stopped."""
+    home = tmp_path / "home"
+    env = clean_env(
+        home, AUTOSCALE_INTERVAL_S="1", AUTOSCALE_UP_COOLDOWN_S="0", AUTOSCALE_DOWN_COOLDOWN_S="3"
+    )
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    state_dir = tmp_path / "state"
+    commands = readme_commands(shared_data)
+    try:
+        result = sh(f"cellmesh up --autoscale 0:1 --state-dir {state_dir}", env, work)
+        assert result.returncode == 0, result
+        assert "workers       0 to 1, autoscaled" in result.stdout, result.stdout
+        assert not [p for p in running(state_dir)["processes"] if p["name"].startswith("cpworker")]  # type: ignore[attr-defined]
+        tree = descendants(int(running(state_dir)["supervisor"]["pid"]))  # type: ignore[index]
+        for command in commands[1:5]:  # pipeline register, plate create, ingest, follow
+            result = sh(command, env, work)
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        deadline = time.monotonic() + 60
+        while [p for p in running(state_dir)["processes"] if p["name"].startswith("cpworker")]:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the worker was not stopped after the cool-down"
+            time.sleep(0.5)
+        log = (state_dir / "mesh.log").read_text()
+        assert "autoscaling workers between 0 and 1" in log
+        assert "autoscale: 0 -> 1 worker(s)" in log and "autoscale: 1 -> 0 worker(s)" in log, log
+        deadline = time.monotonic() + 30
+        while "autoscale: cpworker-0 stopped (exit code 0)" not in (state_dir / "mesh.log").read_text():
+            assert time.monotonic() < deadline, (state_dir / "mesh.log").read_text()
+            time.sleep(0.5)
+        worker_log = (state_dir / "logs" / "cpworker-0.log").read_text()
+        assert "done AS_09125/D03/s0 attempt 1" in worker_log and "handing a site back" not in worker_log
+        status = sh(f"cellmesh status --state-dir {state_dir}", env, work)
+        assert status.returncode == 0 and "cpworker" not in status.stdout, status.stdout
+        tree |= descendants(int(running(state_dir)["supervisor"]["pid"]))  # type: ignore[index]
+        assert sh(f"cellmesh down --state-dir {state_dir}", env, work, timeout=180).returncode == 0
+        assert_nothing_left(tree, state_dir)
+    finally:
+        emergency_down(env, work, state_dir)
