@@ -71,6 +71,13 @@ class FakeCatalog:
         return [name for name, _ in self.calls]
 
 
+class AnsweringStore:
+    """An object store that always answers its probe (the gate stays open)."""
+
+    async def probe(self, key: str = "") -> None:
+        return None
+
+
 @dataclass
 class SlowProcessor:
     """Stands in for the site processor: runs for `seconds`, then succeeds."""
@@ -79,6 +86,7 @@ class SlowProcessor:
     started: int = 0
     cancelled: int = 0
     executions: list[str] = field(default_factory=list)
+    store: AnsweringStore = field(default_factory=lambda: AnsweringStore())
 
     async def process(self, claim: Any, runners: Any, phase: Phase, execution: str) -> Success:
         self.started += 1
