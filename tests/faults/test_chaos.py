@@ -25,6 +25,10 @@ from tests.e2e.meshkit import assert_nothing_lost, catalog_stub, create_generate
 pytestmark = pytest.mark.faults
 
 VICTIMS = ("catalog", "scheduler", "cpworker-0", "cpworker-1", "reducer")
+# Kills before the plate may count as done: a fast machine finishes the plate
+# within a few kills, so the loop keeps killing (the plate must stay complete,
+# its report registered, nothing run twice) until this many have happened.
+MIN_KILLS = 8
 
 
 async def progress_or_none(catalog: object, plate: str) -> catalog_pb2.PlateProgress | None:
@@ -55,13 +59,14 @@ async def test_random_kills_lose_nothing_and_run_nothing_twice(tmp_path: Path, m
         async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "X1", 2, 4, 2)
-            feed = asyncio.create_task(microscope.acquire(store, catalog, "X1", sites, 4))
+            # Images arrive over about 16 s, so that kills land while sites are in flight.
+            feed = asyncio.create_task(microscope.acquire(store, catalog, "X1", sites, 2))
             deadline = time.monotonic() + 600
             done = None
             while time.monotonic() < deadline:
                 await asyncio.sleep(rng.uniform(2.0, 5.0))
                 progress = await progress_or_none(catalog, "X1")
-                if progress is not None and progress.complete and feed.done():
+                if progress is not None and progress.complete and feed.done() and len(kills) >= MIN_KILLS:
                     done = progress
                     break
                 if len(kills) < 25:
@@ -73,7 +78,6 @@ async def test_random_kills_lose_nothing_and_run_nothing_twice(tmp_path: Path, m
                     victim.start()
             await feed
             assert done is not None, f"plate not complete after the kills {kills}"
-            assert len(kills) >= 8, kills
             jobs = await assert_nothing_lost(catalog, store, "X1", 16)
             assert all(j.state == types_pb2.SITE_STATE_DONE for j in jobs), [
                 (j.site.well, j.site.site, j.failure_reason)
