@@ -3,7 +3,7 @@ the end), through a real catalog gRPC server on loopback. One command, prints
 a markdown table with the peer side by side: the same calls on a 96-well ×
 1-site plate and on a 1,536-well × 16-site plate (5 channels each):
 
-1. GetPlateProgress latency (median of 30);
+1. GetPlateProgress latency (median of 40, the two plates called in turn);
 2. WatchPlateProgress update latency: a site is requeued, how long until the
    stream shows it (median of 10);
 3. a full ListSites walk with result files, as the reducer does it (default
@@ -99,14 +99,19 @@ async def load_plate(store: CatalogStore, name: str, rows: int, columns: int, si
     return count
 
 
-async def progress_latency(stub: catalog_pb2_grpc.CatalogServiceAsyncStub, plate: str) -> float:
-    times = []
-    for n in range(31):
-        t0 = time.perf_counter()
-        await stub.GetPlateProgress(catalog_pb2.GetPlateProgressRequest(plate=plate))
-        if n:
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+async def progress_latencies(
+    stub: catalog_pb2_grpc.CatalogServiceAsyncStub, plates: list[str], calls: int = 40
+) -> list[float]:
+    """Median GetPlateProgress latency per plate, the plates called in turn
+    (after a few calls each to warm up), so that both see the same machine."""
+    times: dict[str, list[float]] = {p: [] for p in plates}
+    for n in range(calls + 5):
+        for plate in plates:
+            t0 = time.perf_counter()
+            await stub.GetPlateProgress(catalog_pb2.GetPlateProgressRequest(plate=plate))
+            if n >= 5:
+                times[plate].append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(times[p]) for p in plates]
 
 
 async def watch_latency(
@@ -226,11 +231,13 @@ async def main() -> None:
                 f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
             ) as channel:
                 stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-                for name, r, c, s in (("SMALL", 8, 12, 1), ("LARGE", 32, 48, 16)):
+                shapes = (("SMALL", 8, 12, 1), ("LARGE", 32, 48, 16))
+                loads = []
+                for name, r, c, s in shapes:
                     t0 = time.perf_counter()
-                    n = await load_plate(store, name, r, c, s)
-                    load = time.perf_counter() - t0
-                    progress = await progress_latency(stub, name)
+                    loads.append((await load_plate(store, name, r, c, s), time.perf_counter() - t0))
+                progresses = await progress_latencies(stub, [name for name, *_ in shapes])
+                for (name, r, c, s), (n, load), progress in zip(shapes, loads, progresses, strict=True):
                     watch = await watch_latency(stub, name, [validate.well_name(0, k) for k in range(1, 11)])
                     sites, pages, page_ms, page_p90, peak = await walk(stub, name)
                     same, head, tail = await equal_pages(stub, name, 96)

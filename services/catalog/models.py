@@ -126,6 +126,24 @@ class RunRow(Base):
     gate: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
 
 
+class RunCountsRow(Base):
+    """How many jobs of a run are in each state. Written only by the database's
+    triggers on `site_jobs` and `runs` (migration 0009), in the transaction
+    that changes a job; the catalog reads it and never writes it."""
+
+    __tablename__ = "run_counts"
+    __table_args__ = (TABLE_OPTIONS,)
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    waiting: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    ready: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    running: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
 class SiteRow(Base):
     __tablename__ = "sites"
     __table_args__ = (

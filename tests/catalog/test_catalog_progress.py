@@ -9,7 +9,9 @@ import grpc
 from cellmesh import keys
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
+from sqlalchemy import text, update
 
+from services.catalog.models import SiteJobRow
 from tests.catalog.conftest import Catalog
 from tests.catalog.kit import claim_all, image, new_plate, ready_sites, refused, run_to_done, sha, site_images
 
@@ -70,6 +72,28 @@ async def test_progress_counts(catalog: Catalog) -> None:
     assert (p.total, p.waiting, p.ready, p.queued, p.running, p.done, p.failed) == (4, 1, 1, 1, 0, 1, 0)
     assert p.pipeline_sha256 == pipe.ref.sha256 and p.report_version == 0 and not p.complete
     assert a.site.well == "A01"
+
+
+async def test_kept_counts_follow_every_change_and_a_change_behind_them_is_found(catalog: Catalog) -> None:
+    """Progress reads counts the database's triggers keep; a job changed with
+    the triggers gone is reported by the check, and the count is put right
+    again by hand (the fixture's teardown checks every test's runs)."""
+    layout = catalog_pb2.PlateLayout(rows=8, columns=12, sites_per_well=1, wells=["A01", "A02", "A03"])
+    await new_plate(catalog.stub, "P1", layout=layout)
+    await ready_sites(catalog.stub, "P1", 3)
+    for claim in await claim_all(catalog.stub):
+        await run_to_done(catalog.stub, claim)
+    p = await progress(catalog)
+    assert (p.total, p.ready, p.done) == (3, 0, 3)
+    assert await catalog.store.run_count_mismatches() == []
+    async with catalog.store.engine.begin() as conn:
+        await conn.execute(text("DROP TRIGGER run_counts_on_job_update"))
+        await conn.execute(update(SiteJobRow).values(state=int(types_pb2.SITE_STATE_READY)))
+    problems = await catalog.store.run_count_mismatches()
+    assert len(problems) == 1 and "counted" in problems[0], problems
+    async with catalog.store.engine.begin() as conn:
+        await conn.execute(update(SiteJobRow).values(state=int(types_pb2.SITE_STATE_DONE)))
+    assert await catalog.store.run_count_mismatches() == []
 
 
 async def test_watch_sends_each_change_and_ends_when_complete(catalog: Catalog) -> None:
