@@ -60,8 +60,10 @@ async def test_tasks_the_broker_lost_are_issued_again(tmp_path: Path) -> None:
             await wait_complete(catalog, "L1", 300)
             jobs = await assert_nothing_lost(catalog, store, "L1", 4)
             assert all(j.state == types_pb2.SITE_STATE_DONE for j in jobs)
-            # Each issued again once, with a new attempt that fenced off the lost one.
-            assert sorted(j.attempt for j in jobs) == [2, 2, 2, 2]
+            # Each issued again with a new attempt that fences off the lost one
+            # (once, or more if the restarted worker took longer than the queue
+            # deadline to take it: a loaded machine), and recorded once.
+            assert all(j.attempt >= 2 for j in jobs), [j.attempt for j in jobs]
             drawn = {(s.well, s.site): s.nuclei for s in sites}
             assert {(j.site.well, j.site.site): j.provenance.object_counts["Nuclei"] for j in jobs} == drawn
     finally:
