@@ -28,7 +28,7 @@ from services.common.settings import (
     positive_int,
 )
 from services.cpworker.consumer import SiteConsumer
-from services.cpworker.runner import ColdRunner, WarmRunner, judge_outputs
+from services.cpworker.runner import ChildNetwork, ColdRunner, WarmRunner, judge_outputs
 from services.cpworker.service import WorkerStatusServicer
 from services.cpworker.site import PipelineCache, SiteProcessor, SiteRunner
 
@@ -39,6 +39,13 @@ def _mode(raw: str) -> str:
     if raw not in ("warm", "cold"):
         raise ValueError("warm (a long-lived CellProfiler per slot) or cold (one process per site)")
     return raw
+
+
+def _child_network(raw: str) -> str:
+    try:
+        return ChildNetwork(raw).value
+    except ValueError:
+        raise ValueError("none, auto or host") from None
 
 
 def _work_dir(raw: str) -> str:
@@ -62,6 +69,13 @@ VARS = (
     Var("CP_MODE", "warm", _mode),
     Var("CP_SLOTS", "1", positive_int, "CellProfiler processes in this worker"),
     Var("CP_RECYCLE_AFTER", "200", positive_int, "sites before a warm CellProfiler is replaced"),
+    Var(
+        "CP_CHILD_NETWORK",
+        "auto",
+        _child_network,
+        "CellProfiler's network: none (a namespace of its own, or the worker does not start), "
+        "auto (none where the platform allows it), host (the worker's)",
+    ),
     Var("SITE_TIMEOUT_S", "600", positive_float, "time limit of one site"),
     Var(
         "STAGE_TIMEOUT_S", "21600", positive_float, "time limit of one plate-scope stage (all sites at once)"
@@ -94,9 +108,11 @@ def make_runners(v: dict[str, Any]) -> list[SiteRunner]:
     runners: list[SiteRunner] = []
     for _ in range(v["CP_SLOTS"]):
         if v["CP_MODE"] == "warm":
-            runners.append(WarmRunner(v["CP_PYTHON"], recycle_after=v["CP_RECYCLE_AFTER"]))
+            runners.append(
+                WarmRunner(v["CP_PYTHON"], recycle_after=v["CP_RECYCLE_AFTER"], network=v["CP_CHILD_NETWORK"])
+            )
         else:
-            runners.append(ColdRunner(v["CP_PYTHON"]))
+            runners.append(ColdRunner(v["CP_PYTHON"], network=v["CP_CHILD_NETWORK"]))
     return runners
 
 

@@ -10,8 +10,11 @@ in it never takes the worker down:
   Distributed-CellProfiler does.
 
 The child runs registered pipelines, so it gets only an allow-listed
-environment (:func:`child_environment`: no credentials) and a working folder of
-its own as HOME (and, warm, as its current folder).
+environment (:func:`child_environment`: no credentials), a working folder of
+its own as HOME (and, warm, as its current folder) and, where the platform
+allows it, a network namespace of its own with no interface up
+(:func:`network_prefix`): it reaches neither the broker, the catalog nor the
+object store, whatever a pipeline does.
 
 Both write ``cellmesh_done.txt`` into the output folder, saying ``Complete``
 only when the run finished. :func:`judge_outputs` is the success rule: the
@@ -32,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections import deque
@@ -165,6 +169,58 @@ def child_environment(
     return {name: value for name, value in env.items() if not _SECRET_NAME.search(name.upper())}
 
 
+class ChildNetwork(enum.StrEnum):
+    """What network the CellProfiler child gets (the worker's CP_CHILD_NETWORK)."""
+
+    #: A network namespace of its own if the platform allows it, else the worker's.
+    AUTO = "auto"
+    #: A network namespace of its own, or the worker does not start.
+    NONE = "none"
+    #: The worker's network.
+    HOST = "host"
+
+
+# Ways to start a program in a network namespace of its own, tried in order:
+# as root (or with CAP_SYS_ADMIN), then in a user namespace of its own where
+# unprivileged user namespaces are enabled (the same uid inside). Neither
+# forks: the child keeps the pid the runner started.
+_NETNS_PREFIXES = (
+    ("unshare", "--net", "--"),
+    ("unshare", "--user", "--map-current-user", "--net", "--"),
+)
+
+
+def network_prefix(mode: ChildNetwork | str) -> list[str]:
+    """The command prefix that starts a CellProfiler child with `mode`'s
+    network: [] for the worker's own. AUTO takes the first prefix that works
+    here; NONE raises RuntimeError, saying what to do, if none does."""
+    mode = ChildNetwork(mode)
+    if mode is ChildNetwork.HOST:
+        return []
+    tried = []
+    for prefix in _NETNS_PREFIXES:
+        if shutil.which(prefix[0]) is None:
+            tried.append(f"{prefix[0]}: not installed")
+            break
+        try:
+            done = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            tried.append(f"{' '.join(prefix)}: {exc}")
+            continue
+        if done.returncode == 0:
+            return list(prefix)
+        tried.append(f"{' '.join(prefix)}: {done.stderr.decode(errors='replace').strip() or done.returncode}")
+    why = "; ".join(tried)
+    if mode is ChildNetwork.NONE:
+        raise RuntimeError(
+            "CP_CHILD_NETWORK=none: cannot give CellProfiler a network namespace of its own here "
+            f"({why}); run the worker as root or with CAP_SYS_ADMIN, enable unprivileged user "
+            "namespaces, or set CP_CHILD_NETWORK=auto (or host) to run it on the worker's network"
+        )
+    log.warning("CellProfiler children share the worker's network: no network namespace here (%s)", why)
+    return []
+
+
 def _program(path: Path | str) -> str:
     """An executable's path that still holds when the child starts in another folder."""
     text = str(path)
@@ -258,8 +314,11 @@ class WarmRunner:
         log_level: str = "WARNING",
         child_script: Path = CHILD_SCRIPT,
         env: Mapping[str, str] | None = None,
+        network: ChildNetwork | str = ChildNetwork.AUTO,
     ) -> None:
         self._cp_python = _program(cp_python)
+        self._network = ChildNetwork(network)
+        self._prefix: list[str] | None = None  # found on the first start
         self._recycle_after = recycle_after
         self._startup_timeout = startup_timeout
         self._log_level = log_level
@@ -439,7 +498,10 @@ class WarmRunner:
         started = time.perf_counter()
         if self._home is None or not self._home.is_dir():
             self._home = await asyncio.to_thread(_new_child_home)
+        if self._prefix is None:
+            self._prefix = await asyncio.to_thread(network_prefix, self._network)
         self._proc = await asyncio.create_subprocess_exec(
+            *self._prefix,
             self._cp_python,
             str(self._child_script),
             "--log-level",
@@ -548,10 +610,13 @@ class ColdRunner:
         *,
         log_level: str = "WARNING",
         env: Mapping[str, str] | None = None,
+        network: ChildNetwork | str = ChildNetwork.AUTO,
     ) -> None:
         self._cp_python = _program(cp_python)
         self._log_level = log_level
         self._env = dict(env) if env else None
+        self._network = ChildNetwork(network)
+        self._prefix: list[str] | None = None  # found on the first start
         self._home: Path | None = None  # the children's own HOME, made on first use
         self.cp_version = ""
 
@@ -562,6 +627,8 @@ class ColdRunner:
 
     async def start(self) -> str:
         """Check the environment answers; returns CellProfiler's version."""
+        if self._prefix is None:
+            self._prefix = await asyncio.to_thread(network_prefix, self._network)
         if not self.cp_version:
             proc = await asyncio.create_subprocess_exec(
                 self._cp_python,
@@ -585,6 +652,7 @@ class ColdRunner:
 
     def command(self, pipeline: Path, file_list: Path, output_dir: Path, input_dir: Path) -> list[str]:
         return [
+            *(self._prefix or []),
             self._cp_python, "-m", "cellprofiler",
             "-c", "-r",
             "-p", str(pipeline),

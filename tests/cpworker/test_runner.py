@@ -14,7 +14,9 @@ import asyncio
 import csv
 import os
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,11 +26,13 @@ import pytest_asyncio
 from services.common import synth
 from services.cpworker.runner import (
     DONE_FILE_NAME,
+    ChildNetwork,
     ColdRunner,
     Outcome,
     RunResult,
     WarmRunner,
     judge_outputs,
+    network_prefix,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -273,6 +277,60 @@ async def test_the_warm_child_sees_no_credentials_and_has_its_own_home(
         assert "hunter2" not in raw
         assert home.name.startswith("cellmesh-cp-home-") and cwd == await asyncio.to_thread(home.resolve)
     assert not await asyncio.to_thread(home.exists)
+
+
+async def test_the_warm_child_has_no_network(cp_python: Path, tmp_path: Path) -> None:
+    """CP_CHILD_NETWORK=none: the child runs a site in a network namespace of
+    its own, where the broker on this machine cannot be reached (probed from
+    inside that namespace), while the worker reaches it."""
+    broker = ("127.0.0.1", 5672)
+    probe = (
+        "import socket,sys\n"
+        f"try:\n socket.create_connection({broker!r}, timeout=3)\n"
+        "except OSError as e:\n print('unreachable:', e); sys.exit(0)\n"
+        "print('reached'); sys.exit(1)\n"
+    )
+    with socket.create_connection(broker, timeout=3):
+        pass  # the worker's own network reaches the broker
+    files = site_files(synth.write_site(tmp_path / "in", "P1", "F07", 1, 7))
+    async with WarmRunner(cp_python, network=ChildNetwork.NONE) as runner:
+        out = tmp_path / "out"
+        result = await runner.run_site(NUCLEI_PIPELINE, files, out, SITE_TIMEOUT)
+        assert_ok(result, out)
+        assert count_nuclei(out) == 7
+        assert runner.pid is not None
+        child_ns = os.readlink(f"/proc/{runner.pid}/ns/net")
+        assert child_ns != os.readlink("/proc/self/ns/net")
+        inside = await asyncio.to_thread(
+            subprocess.run,
+            ["nsenter", f"--net=/proc/{runner.pid}/ns/net", sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert inside.returncode == 0 and "unreachable" in inside.stdout, (inside.stdout, inside.stderr)
+
+
+async def test_the_cold_child_gets_the_same_network_setting(cp_python: Path, tmp_path: Path) -> None:
+    assert network_prefix(ChildNetwork.HOST) == []
+    assert network_prefix("none")[:2] == ["unshare", "--net"]  # root here: a namespace of its own
+    with pytest.raises(ValueError):
+        ChildNetwork("internet")
+    isolated, shared = ColdRunner(cp_python, network="none"), ColdRunner(cp_python, network="host")
+    for runner in (isolated, shared):
+        await runner.start()
+    args = (tmp_path / "p.cppipe", tmp_path / "list.txt", tmp_path / "out", tmp_path / "in")
+    assert isolated.command(*args)[:3] == ["unshare", "--net", "--"]
+    assert shared.command(*args)[0] == str(cp_python)
+    for runner in (isolated, shared):
+        await runner.close()
+
+
+async def test_none_refuses_to_start_where_no_namespace_can_be_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no unshare to be found
+    with pytest.raises(RuntimeError, match="CP_CHILD_NETWORK=none.*CP_CHILD_NETWORK=auto"):
+        network_prefix(ChildNetwork.NONE)
+    assert network_prefix(ChildNetwork.AUTO) == []  # auto: the worker's network, with a warning
 
 
 def child_process(pid: int) -> tuple[dict[str, str], str, Path]:
