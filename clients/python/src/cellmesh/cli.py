@@ -20,13 +20,13 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cellmesh import meshconfig
+from cellmesh import cpa, meshconfig
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.client import (
     DEFAULT_CATALOG,
@@ -441,12 +441,31 @@ async def cmd_requeue(client: CellmeshClient, args: argparse.Namespace, out: Tex
 async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
     report = await client.report(args.plate, args.version, args.pipeline or "")
     config = ObjectStoreConfig.discover()
+    folder = Path(args.out)
     async with ObjectStore(config) as store:
-        files = await download_report(store, report, Path(args.out))
+        files = await download_report(store, report, folder)
+        images = 0
+        if args.images:
+            for image in await client.list_images(args.plate):
+                parts = PurePosixPath(image.object.key).parts
+                if not parts or parts[0] == "/" or ".." in parts:
+                    raise CellmeshError(grpc.StatusCode.DATA_LOSS, f"unusable image key {image.object.key!r}")
+                await store.download(image.object, folder.joinpath(*parts))
+                images += 1
     _print_report(report, config.bucket, out)
     print(f"{len(files)} file(s) written, checksums verified:", file=out)
     for _, path in files:
         print(f"  {path}", file=out)
+    for item, path in files:
+        if item.kind != catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES:
+            continue
+        if args.images:
+            prepend = cpa.folder_url(folder)
+            print(f"{images} image(s) written under {folder / 'images'}", file=out)
+        else:
+            prepend = cpa.store_url(config.endpoint_url, config.bucket, config.region)
+        await asyncio.to_thread(cpa.set_prepend, path, prepend)
+        print(f"CellProfiler Analyst: open {path} (images from {prepend})", file=out)
 
 
 async def cmd_reduce(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -628,6 +647,12 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=0, help="the report version (default: the latest)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the files")
     p.add_argument("--pipeline", metavar="SHA", help="the pipeline (default: the plate's first)")
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="also download the plate's images into DIR/images/ and point the CellProfiler Analyst "
+        "properties at them (else at the object store)",
+    )
     p.set_defaults(run=cmd_report)
 
     p = commands.add_parser("reduce", help="make a report of the plate's current results now (reducer)")
