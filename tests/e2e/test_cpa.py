@@ -1,7 +1,7 @@
 """A generated plate through the whole mesh with real CellProfiler, then its
 report opened the way CellProfiler Analyst opens it: from the object store
 (image_url_prepend at the store) and from a local copy made by
-`cellmesh report --out DIR --images`."""
+`cellmesh report --out DIR --images`, and with presigned URLs (`--presign`)."""
 
 from __future__ import annotations
 
@@ -134,5 +134,21 @@ async def test_cellprofiler_analyst_finds_every_well_and_object(tmp_path: Path) 
                 for f in files:
                     assert Path(f).is_relative_to(local), f
                     assert await asyncio.to_thread(sha256_file, f) == registered[Path(f).name]
+
+            # 3. `--presign`: each image's own signed URL in the copy's database.
+            signed = tmp_path / "signed"
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [*cli, "report", PLATE, "--out", str(signed), "--presign", "600"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+            assert done.returncode == 0, done.stderr
+            props, per_site, opened = await asyncio.to_thread(read_pair, signed / cpa_names.PROPERTIES)
+            assert per_site == drawn
+            hashes = [await asyncio.to_thread(sha256_file, f) for files in opened for f in files]
+            assert len(hashes) == 24 and set(hashes) == set(registered.values())
     finally:
         await stop_mesh(mesh)

@@ -205,3 +205,26 @@ async def test_too_many_columns_for_sqlite_is_refused_and_leaves_nothing(tmp_pat
     assert not (outputs.out_dir / cpa_names.PROPERTIES).exists()
     with pytest.raises(sqlite3.ProgrammingError):
         writer.add_images([])
+
+
+def test_presigned_urls_go_into_the_path_and_file_columns(tmp_path: Path) -> None:
+    db_path = tmp_path / cpa_names.DATABASE
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "CREATE TABLE Per_Image (ImageNumber INTEGER PRIMARY KEY, p0 TEXT, f0 TEXT, p1 TEXT, f1 TEXT)"
+        )
+        db.execute(
+            "INSERT INTO Per_Image VALUES (1, 'images/P/A01/s1/DNA', 'a.tif', 'images/P/A01/s1/GFP', NULL)"
+        )
+    columns = [("p0", "f0"), ("p1", "f1")]
+    assert cpa_names.stored_images(db_path, columns) == [(1, 0, "images/P/A01/s1/DNA/a.tif")]
+    url = "http://127.0.0.1:9/bkt/images/P/A01/s1/DNA/a.tif?X-Amz-Signature=ab%2Fc&X-Amz-Expires=60"
+    prepend = cpa_names.write_presigned(db_path, columns, {(1, 0): url})
+    with sqlite3.connect(db_path) as db:
+        path, file = db.execute("SELECT p0, f0 FROM Per_Image").fetchone()
+    assert prepend + path + "/" + file == url  # what CPA opens
+    with pytest.raises(ValueError, match="two hosts"):
+        cpa_names.write_presigned(db_path, columns, {(1, 0): url, (1, 1): "http://other/b/k?x=1"})
+    text = "# x\nimage_path_cols = p0, p1\nimage_file_cols = f0,f1\nimage_url_prepend = http://a/\n"
+    assert cpa_names.image_columns(text) == columns
+    assert cpa_names.rewrite_prepend(text, "file:///r/").count("image_url_prepend = file:///r/") == 1

@@ -439,6 +439,12 @@ async def cmd_requeue(client: CellmeshClient, args: argparse.Namespace, out: Tex
 
 
 async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
+    if args.images and args.presign:
+        raise ValueError("give --images (a local copy) or --presign (URLs), not both")
+    if args.presign is not None and not 1 <= args.presign <= 604800:
+        raise ValueError(
+            f"--presign {args.presign}: give 1 to 604800 seconds (7 days, the most S3 signs for)"
+        )
     report = await client.report(args.plate, args.version, args.pipeline or "")
     config = ObjectStoreConfig.discover()
     folder = Path(args.out)
@@ -452,20 +458,34 @@ async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: Text
                     raise CellmeshError(grpc.StatusCode.DATA_LOSS, f"unusable image key {image.object.key!r}")
                 await store.download(image.object, folder.joinpath(*parts))
                 images += 1
-    _print_report(report, config.bucket, out)
-    print(f"{len(files)} file(s) written, checksums verified:", file=out)
-    for _, path in files:
-        print(f"  {path}", file=out)
-    for item, path in files:
-        if item.kind != catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES:
-            continue
-        if args.images:
-            prepend = cpa.folder_url(folder)
-            print(f"{images} image(s) written under {folder / 'images'}", file=out)
-        else:
-            prepend = cpa.store_url(config.endpoint_url, config.bucket, config.region)
-        await asyncio.to_thread(cpa.set_prepend, path, prepend)
-        print(f"CellProfiler Analyst: open {path} (images from {prepend})", file=out)
+        _print_report(report, config.bucket, out)
+        print(f"{len(files)} file(s) written, checksums verified:", file=out)
+        for _, path in files:
+            print(f"  {path}", file=out)
+        for item, path in files:
+            if item.kind != catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES:
+                continue
+            if args.images:
+                prepend = cpa.folder_url(folder)
+                print(f"{images} image(s) written under {folder / 'images'}", file=out)
+            elif args.presign:
+                prepend = await _presign_cpa(store, path, args.presign)
+                print(f"image URLs presigned for {args.presign} s in {folder / cpa.DATABASE}", file=out)
+            else:
+                prepend = cpa.store_url(config.endpoint_url, config.bucket, config.region)
+            await asyncio.to_thread(cpa.set_prepend, path, prepend)
+            print(f"CellProfiler Analyst: open {path} (images from {prepend})", file=out)
+
+
+async def _presign_cpa(store: ObjectStore, properties: Path, expires_s: int) -> str:
+    """Writes presigned image URLs into the downloaded CPA database; returns the prepend."""
+    database = properties.with_name(cpa.DATABASE)
+    columns = cpa.image_columns(await asyncio.to_thread(properties.read_text))
+    urls = {
+        (number, i): await store.presign(key, expires_s)
+        for number, i, key in await asyncio.to_thread(cpa.stored_images, database, columns)
+    }
+    return await asyncio.to_thread(cpa.write_presigned, database, columns, urls)
 
 
 async def cmd_reduce(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -652,6 +672,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="also download the plate's images into DIR/images/ and point the CellProfiler Analyst "
         "properties at them (else at the object store)",
+    )
+    p.add_argument(
+        "--presign",
+        type=int,
+        metavar="SECONDS",
+        help="write presigned image URLs valid this long (at most 604800) into the copy's "
+        "CellProfiler Analyst database, for a bucket that needs signed requests",
     )
     p.set_defaults(run=cmd_report)
 
