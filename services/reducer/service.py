@@ -19,7 +19,8 @@ Where reports are stored
     ``reports/<plate>/<pipeline_sha256[:12]>/g<generation>/<inputs>/<file>``
     for a run's generation, where ``<inputs>`` is the first 16 hex digits of a
     digest of what the report is made of (every result file's SHA-256, the
-    missing sites and their reasons, the reduce options). The same generation
+    missing sites and their reasons, the reduce options, the CellProfiler Analyst
+    image prepend). The same generation
     reduced twice from the same results writes the same keys with the same
     bytes (outputs are deterministic); if the results changed in between, the
     second reduce writes beside the first and never over the objects of a
@@ -314,7 +315,7 @@ class Reducer:
             },
         )
         if not on_demand:
-            folder = f"{folder}/{_inputs_digest(info, options)}"
+            folder = f"{folder}/{_inputs_digest(info, options, self.image_url_prepend)}"
         prefix = f"{keys.run_reports(plate, info.pipeline_sha256)}{folder}"
         when = on_demand or f"generation {generation}"
         await asyncio.to_thread(self._work_dir.mkdir, parents=True, exist_ok=True)
@@ -469,8 +470,9 @@ class Reducer:
             ) from exc
 
 
-def _inputs_digest(info: _Run, options: ReduceOptions) -> str:
+def _inputs_digest(info: _Run, options: ReduceOptions, image_url_prepend: str) -> str:
     digest = hashlib.sha256()
+    digest.update(f"cpa image_url_prepend {image_url_prepend}\n".encode())
     for s in sorted(info.sites, key=lambda s: (s.well, s.site)):
         for table, ref in sorted(s.tables.items()):
             digest.update(f"{s.well}/{s.site}/{table}/{ref.key}/{ref.sha256}\n".encode())
