@@ -21,7 +21,8 @@ and a ``.properties`` file that points at it and at the images.
     ``Cells_Location_Center_X``), as ExportToDatabase joins objects of one
     image by object number; an object table with fewer objects leaves its
     columns empty there. ``Metadata_*`` columns are image facts and live in
-    Per_Image only.
+    Per_Image; one that only an object table has (``Nuclei_Metadata_…``) stays
+    in Per_Object, and Classifier ignores it.
 
 ``cpa.properties``
     the keys CellProfiler Analyst reads (``cpa/properties.py``):
@@ -53,6 +54,7 @@ from cellmesh.cpa import DATABASE, PROPERTIES
 
 from services.reducer.reduce import feature_columns
 from services.reducer.tables import (
+    ADDED_COLUMNS,
     IMAGE_NUMBER,
     META_IMAGE_KEY,
     META_SITE_KEY,
@@ -81,6 +83,7 @@ IGNORE_COLUMNS = (
     ".*_Children_.*",
     ".*_Location_.*",
     ".*_Number_Object_Number",
+    ".*_Metadata_.*",
 )
 _BATCH_ROWS = 4096
 
@@ -152,15 +155,20 @@ def _batches(path: Path, columns: Sequence[str]) -> Iterator[list[tuple[object, 
         yield list(zip(*lists, strict=True))
 
 
-def _object_columns(name: str, schema: pa.Schema, features: Sequence[str]) -> list[tuple[str, str, str]]:
+def _object_columns(
+    name: str, schema: pa.Schema, features: Sequence[str], image_columns: set[str]
+) -> list[tuple[str, str, str]]:
     """(column in the table, column in Per_Object, SQL type) of an object table:
     a numeric column keeps the name the reducer's per-well table gives it,
-    another one gets the object's prefix unless it has it."""
+    another one gets the object's prefix unless it has it. ``Metadata_*``
+    columns the image table has too are left to Per_Image."""
     numeric, _ = feature_columns(schema, name, set())
     named = dict(zip(numeric, features, strict=False)) if len(numeric) == len(features) else {}
     out = []
     for f in schema:
-        if f.name.startswith("Metadata_") or f.name in (IMAGE_NUMBER, OBJECT_NUMBER):
+        if f.name in (IMAGE_NUMBER, OBJECT_NUMBER) or f.name in ADDED_COLUMNS:
+            continue
+        if f.name.startswith("Metadata_") and f.name in image_columns:
             continue
         target = named.get(f.name)
         if target is None:
@@ -303,13 +311,14 @@ class CpaWriter:
     def _write_per_object(self, summary: CpaSummary) -> str | None:
         inp, db = self.inp, self._db
         tables: list[tuple[str, list[tuple[str, str, str]]]] = []
+        image_names = {src for src, _, _ in self._image_cols}
         for name in inp.object_tables:
             path = inp.out_dir / f"{name}.parquet"
             schema = pq.read_schema(path)
             if OBJECT_NUMBER not in schema.names or META_IMAGE_KEY not in schema.names:
                 log.info("table %s has no ObjectNumber or image: not an object table for CPA", name)
                 continue
-            tables.append((name, _object_columns(name, schema, inp.features.get(name, ()))))
+            tables.append((name, _object_columns(name, schema, inp.features.get(name, ()), image_names)))
         names_seen: set[str] = set()
         for _, cols in tables:
             for i, (src, target, ty) in enumerate(cols):

@@ -52,7 +52,13 @@ async def reduce_test_plate(tmp_path: Path, blobs: dict[str, bytes] | None = Non
                     {"Nuclei": n, "Cells": c},
                     metadata={"Metadata_Compound": f"cmpd-{well}", "FileName_DNA": "scratch.tif"},
                 ),
-                "Nuclei": testdata.object_csv(np.column_stack([100 + i, 10 * i, 5 * i]), NUCLEI_FEATURES),
+                "Nuclei": testdata.object_csv(
+                    np.column_stack([100 + i, 10 * i, 5 * i]),
+                    NUCLEI_FEATURES,
+                    # A plate map's columns joined into the object table: the one the
+                    # image table has too stays in Per_Image, the other one comes along.
+                    extra={"Metadata_Compound": [f"cmpd-{well}"] * n, "Metadata_Dose": ["0.5"] * n},
+                ),
                 "Cells": testdata.object_csv(
                     np.column_stack([300 + np.arange(c, dtype=float)]),
                     ["AreaShape_Area"],
@@ -168,10 +174,14 @@ def check_every_well_object_and_image(outputs: ReduceOutputs, tmp_path: Path) ->
     assert "Image_FileName_DNA" in image_cols and "scratch.tif" not in str(
         db.execute(f"SELECT Image_FileName_DNA FROM {table}").fetchall()
     )
-    # Classifier learns from measurements, not from keys or locations.
+    assert "Nuclei_Metadata_Dose" in object_cols and "Nuclei_Metadata_Compound" not in object_cols
+    assert not [c for c in object_cols if c.endswith(("SiteKey", "ImageKey", "Metadata_Well"))]
+    # Classifier learns from measurements, not from keys, locations or metadata.
     learn = cpa_reader.classifier_columns(db, props)
     assert "Nuclei_AreaShape_Area" in learn and "Cells_AreaShape_Area" in learn
-    assert not [c for c in learn if "Location" in c or c in ("ImageNumber", "ObjectNumber")]
+    assert not [
+        c for c in learn if "Location" in c or "Metadata" in c or c in ("ImageNumber", "ObjectNumber")
+    ]
     (objects,) = db.execute(f"SELECT COUNT(*) FROM {obj_table}").fetchone()
     assert objects == sum(nuclei_count(w, s) for w in WELLS for s in (1, 2) if (w, s) != ("B02", 2))
 
