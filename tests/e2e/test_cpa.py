@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import grpc
 import pytest
 from cellmesh import cpa as cpa_names
@@ -19,6 +21,7 @@ from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2
 
 from services.common.s3 import ObjectStore
+from services.common.settings import S3Settings
 from services.mesh import microscope
 from services.mesh.demo import start_mesh, stop_mesh
 from tests.e2e.meshkit import catalog_stub, create_generated_plate, options, wait_complete
@@ -65,6 +68,25 @@ def read_pair(properties: Path) -> tuple[cpa_reader.Properties, dict[tuple[str, 
     return props, per_site, opened
 
 
+def allow_anonymous_reads(s3: S3Settings) -> None:
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+    )
+    statement = {
+        "Effect": "Allow",
+        "Principal": "*",
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{s3.bucket}/images/*",
+    }
+    client.put_bucket_policy(
+        Bucket=s3.bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+    )
+
+
 def sha256_file(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -88,7 +110,9 @@ async def test_cellprofiler_analyst_finds_every_well_and_object(tmp_path: Path) 
                 for image in page:
                     registered[image.object.key.rsplit("/", 1)[-1]] = image.object.sha256
 
-            # 1. The pair as stored, its images read from the object store by URL.
+            # 1. The pair as stored, its images read from the object store by URL
+            #    without a signature: a bucket whose policy lets anyone read images.
+            await asyncio.to_thread(allow_anonymous_reads, mesh.s3)
             stored = tmp_path / "stored"
             stored.mkdir()
             for kind in (
@@ -135,7 +159,7 @@ async def test_cellprofiler_analyst_finds_every_well_and_object(tmp_path: Path) 
                     assert Path(f).is_relative_to(local), f
                     assert await asyncio.to_thread(sha256_file, f) == registered[Path(f).name]
 
-            # 3. `--presign`: each image's own signed URL in the copy's database.
+            # 3. Without --images: each image's own presigned URL in the copy's database.
             signed = tmp_path / "signed"
             done = await asyncio.to_thread(
                 subprocess.run,

@@ -468,11 +468,10 @@ async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: Text
             if args.images:
                 prepend = cpa.folder_url(folder)
                 print(f"{images} image(s) written under {folder / 'images'}", file=out)
-            elif args.presign:
-                prepend = await _presign_cpa(store, path, args.presign)
-                print(f"image URLs presigned for {args.presign} s in {folder / cpa.DATABASE}", file=out)
             else:
-                prepend = cpa.store_url(config.endpoint_url, config.bucket, config.region)
+                expires = args.presign or cpa.MAX_PRESIGN_S
+                prepend = await _presign_cpa(store, path, expires)
+                print(f"image URLs presigned for {expires} s in {folder / cpa.DATABASE}", file=out)
             await asyncio.to_thread(cpa.set_prepend, path, prepend)
             print(f"CellProfiler Analyst: open {path} (images from {prepend})", file=out)
 
@@ -671,14 +670,14 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         "--images",
         action="store_true",
         help="also download the plate's images into DIR/images/ and point the CellProfiler Analyst "
-        "properties at them (else at the object store)",
+        "properties at them (else CPA reads them by presigned URLs)",
     )
     p.add_argument(
         "--presign",
         type=int,
         metavar="SECONDS",
-        help="write presigned image URLs valid this long (at most 604800) into the copy's "
-        "CellProfiler Analyst database, for a bucket that needs signed requests",
+        help="how long the presigned image URLs in the copy's CellProfiler Analyst database "
+        "stay valid (default and most: 604800, 7 days)",
     )
     p.set_defaults(run=cmd_report)
 

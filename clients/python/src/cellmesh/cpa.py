@@ -5,12 +5,13 @@ The reducer writes ``cpa.sqlite`` (Per_Image, Per_Object) and
 ``cpa.properties`` into every report (``services/reducer/cpa.py``). Per_Image
 gives each channel's image as a path (``images/<plate>/<well>/s<site>/<channel>``,
 the object key without its last part) and a file name; CellProfiler Analyst
-opens ``image_url_prepend + path + "/" + file``. So one database serves every
-copy of the report: only the prepend differs, the object store's URL of the
-bucket (``store_url``) or a local folder the images were downloaded into
-(``folder_url``). For a bucket that needs signed requests, ``presigned``
-writes each image's presigned URL into a copy's rows instead (path and file
-columns, the file column ending in the signature's query).
+opens ``image_url_prepend + path + "/" + file``, so the same database serves
+a copy whose prepend is the object store's URL of the bucket (``store_url``,
+for a bucket that serves reads without a signature) or a local folder the
+images were downloaded into (``folder_url``). For a bucket that needs signed requests (the usual case),
+``write_presigned`` writes each image's presigned URL into a copy's rows
+instead (path and file columns, the file column ending in the signature's
+query), which ``cellmesh report --out`` does unless asked for the images.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from urllib.parse import quote, urlsplit
 
 DATABASE = "cpa.sqlite"
 PROPERTIES = "cpa.properties"
+#: The longest a presigned URL can be valid (SigV4: 7 days).
+MAX_PRESIGN_S = 604800
 
 
 def store_url(endpoint_url: str | None, bucket: str, region: str = "us-east-1") -> str:
