@@ -418,6 +418,7 @@ class Reducer:
             location_object=outputs.count_object,
             image_url_prepend=self.image_url_prepend,
         )
+        started = time.perf_counter()
         writer = await asyncio.to_thread(cpa.CpaWriter, inp, work)
         try:
             request = catalog_pb2.ListImagesRequest(plate=info.plate.name)
@@ -430,6 +431,14 @@ class Reducer:
             return []
         finally:
             await asyncio.to_thread(writer.close)
+        log.info(
+            "plate %s: CellProfiler Analyst database of %d image sets, %d objects (%d columns) in %.1f s",
+            outputs.plate,
+            summary.images,
+            summary.objects,
+            summary.object_columns,
+            time.perf_counter() - started,
+        )
         if summary.images_missing:
             log.warning(
                 "plate %s: image sets without a stored image: %s", outputs.plate, summary.images_missing
