@@ -180,13 +180,18 @@ def _object_columns(
 def _image_columns(schema: pa.Schema, channels: Sequence[str]) -> list[tuple[str, str, str]]:
     replaced = {f"{kind}_{c}" for c in channels for kind in ("FileName", "PathName", "URL")}
     out = []
+    taken = {"ImageNumber"} | {c for ch in channels for c in channel_columns(ch)}
     for f in schema:
         if f.name == IMAGE_NUMBER:
             continue
         bare = f.name.removeprefix("Image_")
         if bare in replaced:
             continue
-        out.append((f.name, f.name if f.name.startswith("Image_") else f"Image_{f.name}", _sql_type(f.type)))
+        target = f.name if f.name.startswith("Image_") else f"Image_{f.name}"
+        while target in taken:  # both Count_X and Image_Count_X in one table
+            target += "_"
+        taken.add(target)
+        out.append((f.name, target, _sql_type(f.type)))
     return out
 
 

@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import logging
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -399,8 +400,9 @@ class Reducer:
     async def _cpa(self, outputs: ReduceOutputs, info: _Run, work: Path) -> list[OutputFile]:
         """The CellProfiler Analyst database and properties of a reduce
         (services/reducer/cpa.py), with the plate's images from the catalog,
-        page by page. Tables CPA cannot hold (too many columns) leave the
-        pair out, with a warning; catalog errors fail the reduce."""
+        page by page. Tables CPA cannot hold (too many columns) or an SQLite
+        error leave the pair out, with a warning; catalog errors fail the
+        reduce."""
         image_table = str(outputs.summary.get("image_table", "Image"))
         if image_table not in outputs.tables:
             log.info("plate %s: no %s table, so no CellProfiler Analyst database", outputs.plate, image_table)
@@ -426,7 +428,8 @@ class Reducer:
                 images = [cpa.StoredImage(i.site.well, i.site.site, i.channel, i.object.key) for i in page]
                 await asyncio.to_thread(writer.add_images, images)
             summary = await asyncio.to_thread(writer.finish)
-        except cpa.CpaError as exc:
+        except (cpa.CpaError, sqlite3.Error, OSError) as exc:
+            # The rest of the report stands without it.
             log.warning("plate %s: no CellProfiler Analyst database: %s", outputs.plate, exc)
             return []
         finally:

@@ -238,3 +238,26 @@ def test_presigned_urls_go_into_the_path_and_file_columns(tmp_path: Path) -> Non
     text = "# x\nimage_path_cols = p0, p1\nimage_file_cols = f0,f1\nimage_url_prepend = http://a/\n"
     assert cpa_names.image_columns(text) == columns
     assert cpa_names.rewrite_prepend(text, "file:///r/").count("image_url_prepend = file:///r/") == 1
+
+
+async def test_clashing_image_column_names_are_kept_apart(tmp_path: Path) -> None:
+    image = testdata.image_csv({"Nuclei": 2}, features={"Image_Count_Nuclei": 7, "PathName_DNA": 1})
+    blobs = {"i": image, "n": testdata.object_csv([[1.0], [2.0]], ["AreaShape_Area"])}
+    sites = [SiteInput(PLATE, "A01", 1, {"Image": FileRef("i"), "Nuclei": FileRef("n")})]
+
+    async def fetch(key: str, sha: str) -> bytes:
+        return blobs[key]
+
+    outputs = await reduce_plate(sites, fetch, tmp_path / "out")
+    writer = CpaWriter(
+        CpaInput(PLATE, outputs.out_dir, "Image", ["Nuclei"], outputs.features, ["DNA"]), tmp_path
+    )
+    writer.add_images([StoredImage("A1", 1, "DNA", "images/P7/A01/s1/DNA/a.tif")])
+    writer.finish()
+    writer.close()
+    db = sqlite3.connect(writer.db_path)
+    row = db.execute(
+        "SELECT Image_Count_Nuclei, Image_Count_Nuclei_, Image_PathName_DNA FROM Per_Image"
+    ).fetchone()
+    assert sorted(row[:2]) == [2, 7] and row[2] == "images/P7/A01/s1/DNA"
+    db.close()
