@@ -19,6 +19,7 @@ import pytest
 from cellmesh import cpa as cpa_names
 from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2
+from cellmesh.common.v1 import types_pb2
 
 from services.common.s3 import ObjectStore
 from services.common.settings import S3Settings
@@ -174,5 +175,75 @@ async def test_cellprofiler_analyst_finds_every_well_and_object(tmp_path: Path) 
             assert per_site == drawn
             hashes = [await asyncio.to_thread(sha256_file, f) for files in opened for f in files]
             assert len(hashes) == 24 and set(hashes) == set(registered.values())
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_example_human_objects_in_one_per_object_table(tmp_path: Path, shared_data: Path) -> None:
+    """The CellProfiler team's ExampleHuman site (289 nuclei and cells, 22 PH3
+    objects, three channels): one Per_Object table joined by object number,
+    as ExportToDatabase's single object table has it."""
+    folder = shared_data / "example_human"
+    mesh = await start_mesh(options(tmp_path, workers=1))
+    try:
+        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+            catalog = catalog_stub(channel)
+            pipeline = await catalog.RegisterPipeline(
+                catalog_pb2.RegisterPipelineRequest(
+                    name="ExampleHuman", content=(folder / "ExampleHuman.cppipe").read_bytes()
+                )
+            )
+            channels = ["DNA", "PH3", "cellbody"]
+            await catalog.CreatePlate(
+                catalog_pb2.CreatePlateRequest(
+                    name="AS_09125",
+                    channels=channels,
+                    pipeline_sha256=pipeline.pipeline.ref.sha256,
+                    layout=catalog_pb2.PlateLayout(wells=["D03"], rows=8, columns=12, sites_per_well=1),
+                )
+            )
+            regs, shas = [], {}
+            for channel_index, name in enumerate(channels):
+                path = folder / "images" / f"AS_09125_050116030001_D03f00d{channel_index}.tif"
+                stored = await store.put_file(f"images/AS_09125/D03/s0/{name}/{path.name}", path)
+                shas[name] = stored.sha256
+                regs.append(
+                    catalog_pb2.ImageRegistration(
+                        site=types_pb2.SiteRef(plate="AS_09125", well="D03", site=0),
+                        channel=name,
+                        object=types_pb2.ObjectRef(key=stored.key, size=stored.size, sha256=stored.sha256),
+                        file_name=path.name,
+                    )
+                )
+            await catalog.RegisterImages(catalog_pb2.RegisterImagesRequest(images=regs))
+            await wait_complete(catalog, "AS_09125", timeout=300, mesh=mesh)
+            report = (
+                await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate="AS_09125"))
+            ).report
+            pair = tmp_path / "pair"
+            pair.mkdir()
+            for f in report.files:
+                if f.name in (cpa_names.DATABASE, cpa_names.PROPERTIES):
+                    (pair / f.name).write_bytes(await store.get_bytes(f.object.key, f.object.sha256))
+            await asyncio.to_thread(allow_anonymous_reads, mesh.s3)
+            props = await asyncio.to_thread(cpa_reader.load, pair / cpa_names.PROPERTIES)
+            assert props.get("plate_type") == "96" and props.list("image_names") == channels
+            db = cpa_reader.connect(props)
+            assert db.execute("SELECT ImageNumber, Image_Metadata_Well FROM Per_Image").fetchall() == [
+                (1, "D03")
+            ]
+            located = {
+                obj: db.execute(
+                    f"SELECT COUNT(*) FROM Per_Object WHERE {obj}_Location_Center_X IS NOT NULL"
+                ).fetchone()[0]
+                for obj in ("Nuclei", "Cells", "PH3")
+            }
+            assert located == {"Nuclei": 289, "Cells": 289, "PH3": 22}
+            assert db.execute("SELECT MAX(ObjectNumber), COUNT(*) FROM Per_Object").fetchone() == (289, 289)
+            paths = cpa_reader.image_paths(db, props, 1)
+            db.close()
+            for name, path in zip(channels, paths, strict=True):
+                opened = await asyncio.to_thread(cpa_reader.open_image, props, path)
+                assert await asyncio.to_thread(sha256_file, opened) == shas[name]
     finally:
         await stop_mesh(mesh)
