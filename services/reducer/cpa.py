@@ -221,6 +221,7 @@ class CpaWriter:
         self._db.execute("PRAGMA stage.journal_mode=OFF")
         self._db.execute("PRAGMA stage.synchronous=OFF")
         self._db.execute("CREATE TABLE stage.images (site_key TEXT, channel TEXT, path TEXT, file TEXT)")
+        self._db.execute("CREATE UNIQUE INDEX stage.images_site ON images (site_key, channel)")
         self._db.execute("BEGIN")
 
     def close(self) -> None:
@@ -237,14 +238,14 @@ class CpaWriter:
             path, _, file = im.key.rpartition("/")
             key = site_key(self.inp.plate, normalize_well(im.well), im.site)
             rows.append((key, im.channel, path, file))
-        self._db.executemany("INSERT INTO stage.images VALUES (?, ?, ?, ?)", rows)
+        # One image per site and channel; a later page's wins.
+        self._db.executemany("INSERT OR REPLACE INTO stage.images VALUES (?, ?, ?, ?)", rows)
 
     def finish(self) -> CpaSummary:
         """Builds both tables and the properties file. Raises CpaError when
         the tables do not fit SQLite's column limit."""
         summary = CpaSummary()
         db = self._db
-        db.execute("CREATE UNIQUE INDEX stage.images_site ON images (site_key, channel)")
         self._stage_image_rows(summary)
         self._write_per_image(summary)
         location = self._write_per_object(summary)
