@@ -38,6 +38,12 @@ VARS = (
     Var("PROBE_INTERVAL_S", "15", positive_float, "how often an unusable object store is probed"),
     Var("WORK_DIR", str(Path(tempfile.gettempdir()) / "cellmesh-reducer")),
     Var("REDUCER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+    Var(
+        "CPA_IMAGE_URL_PREPEND",
+        "",
+        help="the URL CellProfiler Analyst opens a report's images under (object key appended); "
+        "default: S3_ENDPOINT_URL/S3_BUCKET/",
+    ),
 )
 
 
@@ -52,6 +58,7 @@ async def main(v: dict[str, Any]) -> None:
             store,
             Path(v["WORK_DIR"]),
             transient_budget=v["TRANSIENT_BUDGET_S"],
+            image_url_prepend=v["CPA_IMAGE_URL_PREPEND"] or None,
         )
         gate = StoreGate(store, v["PROBE_INTERVAL_S"])
         server = service_server(

@@ -106,6 +106,8 @@ class FileKind(StrEnum):
     WELL_TABLE = "well_table"
     HEATMAP_PNG = "heatmap_png"
     SUMMARY_JSON = "summary_json"
+    CPA_DATABASE = "cpa_database"
+    CPA_PROPERTIES = "cpa_properties"
 
 
 @dataclass(frozen=True)

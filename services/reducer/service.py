@@ -19,7 +19,8 @@ Where reports are stored
     ``reports/<plate>/<pipeline_sha256[:12]>/g<generation>/<inputs>/<file>``
     for a run's generation, where ``<inputs>`` is the first 16 hex digits of a
     digest of what the report is made of (every result file's SHA-256, the
-    missing sites and their reasons, the reduce options). The same generation
+    missing sites and their reasons, the reduce options, the CellProfiler Analyst
+    image prepend). The same generation
     reduced twice from the same results writes the same keys with the same
     bytes (outputs are deterministic); if the results changed in between, the
     second reduce writes beside the first and never over the objects of a
@@ -49,6 +50,7 @@ import dataclasses
 import hashlib
 import logging
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -58,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from cellmesh import cpa as cpa_names
 from cellmesh import keys, pages
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
@@ -65,7 +68,7 @@ from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 
 from services.common.retry import GaveUp, with_backoff
 from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured, StoreGate
-from services.reducer import plots
+from services.reducer import cpa, plots
 from services.reducer.reduce import (
     FileKind,
     FileRef,
@@ -93,6 +96,8 @@ _KINDS = {
     FileKind.WELL_TABLE: catalog_pb2.REPORT_FILE_KIND_WELL_TABLE,
     FileKind.HEATMAP_PNG: catalog_pb2.REPORT_FILE_KIND_HEATMAP_PNG,
     FileKind.SUMMARY_JSON: catalog_pb2.REPORT_FILE_KIND_SUMMARY_JSON,
+    FileKind.CPA_DATABASE: catalog_pb2.REPORT_FILE_KIND_CPA_DATABASE,
+    FileKind.CPA_PROPERTIES: catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES,
 }
 _CONTENT_TYPES = {
     ".parquet": "application/vnd.apache.parquet",
@@ -100,6 +105,8 @@ _CONTENT_TYPES = {
     ".csv": "text/csv",
     ".png": "image/png",
     ".json": "application/json",
+    ".sqlite": "application/vnd.sqlite3",
+    ".properties": "text/plain",
 }
 # Files of a site job that are not per-object tables.
 _NOT_TABLES = (
@@ -172,8 +179,17 @@ class Reducer:
         options: ReduceOptions | None = None,
         max_concurrent: int = 1,
         transient_budget: float = 300.0,
+        image_url_prepend: str | None = None,
     ) -> None:
         self.transient_budget = transient_budget
+        #: Where CellProfiler Analyst finds the images (default: the store's URL of the bucket).
+        self.image_url_prepend = (
+            image_url_prepend
+            if image_url_prepend is not None
+            else cpa_names.store_url(
+                store.settings.endpoint_url, store.settings.bucket, store.settings.region
+            )
+        )
         self._catalog = catalog
         self._store = store
         self._work_dir = work_dir or Path(tempfile.gettempdir()) / "cellmesh-reducer"
@@ -300,7 +316,7 @@ class Reducer:
             },
         )
         if not on_demand:
-            folder = f"{folder}/{_inputs_digest(info, options)}"
+            folder = f"{folder}/{_inputs_digest(info, options, self.image_url_prepend)}"
         prefix = f"{keys.run_reports(plate, info.pipeline_sha256)}{folder}"
         when = on_demand or f"generation {generation}"
         await asyncio.to_thread(self._work_dir.mkdir, parents=True, exist_ok=True)
@@ -311,6 +327,7 @@ class Reducer:
                 info.sites, self._fetch, work / "out", missing=info.missing, options=options
             )
             files = outputs.files + await asyncio.to_thread(_draw, outputs, info, features, when)
+            files += await self._cpa(outputs, info, work)
             stored: list[catalog_pb2.ReportFile] = []
             for f in files:
                 obj = await self._s3(
@@ -380,6 +397,60 @@ class Reducer:
                 await self._discard(stored)
         return reply.report
 
+    async def _cpa(self, outputs: ReduceOutputs, info: _Run, work: Path) -> list[OutputFile]:
+        """The CellProfiler Analyst database and properties of a reduce
+        (services/reducer/cpa.py), with the plate's images from the catalog,
+        page by page. Tables CPA cannot hold (too many columns) or an SQLite
+        error leave the pair out, with a warning; catalog errors fail the
+        reduce."""
+        image_table = str(outputs.summary.get("image_table", "Image"))
+        if image_table not in outputs.tables:
+            log.info("plate %s: no %s table, so no CellProfiler Analyst database", outputs.plate, image_table)
+            return []
+        layout = info.plate.layout
+        inp = cpa.CpaInput(
+            plate=outputs.plate,
+            out_dir=outputs.out_dir,
+            image_table=image_table,
+            object_tables=[t for t in outputs.tables if t != image_table],
+            features=outputs.features,
+            channels=list(info.plate.channels),
+            rows=layout.rows,
+            columns=layout.columns,
+            location_object=outputs.count_object,
+            image_url_prepend=self.image_url_prepend,
+        )
+        started = time.perf_counter()
+        writer = await asyncio.to_thread(cpa.CpaWriter, inp, work)
+        try:
+            request = catalog_pb2.ListImagesRequest(plate=info.plate.name)
+            async for page in pages.image_pages(self._catalog, request, CATALOG_TIMEOUT):
+                images = [cpa.StoredImage(i.site.well, i.site.site, i.channel, i.object.key) for i in page]
+                await asyncio.to_thread(writer.add_images, images)
+            summary = await asyncio.to_thread(writer.finish)
+        except (cpa.CpaError, sqlite3.Error, OSError) as exc:
+            # The rest of the report stands without it.
+            log.warning("plate %s: no CellProfiler Analyst database: %s", outputs.plate, exc)
+            return []
+        finally:
+            await asyncio.to_thread(writer.close)
+        log.info(
+            "plate %s: CellProfiler Analyst database of %d image sets, %d objects (%d columns) in %.1f s",
+            outputs.plate,
+            summary.images,
+            summary.objects,
+            summary.object_columns,
+            time.perf_counter() - started,
+        )
+        if summary.images_missing:
+            log.warning(
+                "plate %s: image sets without a stored image: %s", outputs.plate, summary.images_missing
+            )
+        return [
+            OutputFile(cpa_names.DATABASE, FileKind.CPA_DATABASE, writer.db_path),
+            OutputFile(cpa_names.PROPERTIES, FileKind.CPA_PROPERTIES, writer.properties_path),
+        ]
+
     async def _discard(self, files: Sequence[catalog_pb2.ReportFile]) -> None:
         """Deletes uploaded files no report refers to (best effort)."""
         for f in files:
@@ -411,8 +482,9 @@ class Reducer:
             ) from exc
 
 
-def _inputs_digest(info: _Run, options: ReduceOptions) -> str:
+def _inputs_digest(info: _Run, options: ReduceOptions, image_url_prepend: str) -> str:
     digest = hashlib.sha256()
+    digest.update(f"cpa image_url_prepend {image_url_prepend}\n".encode())
     for s in sorted(info.sites, key=lambda s: (s.well, s.site)):
         for table, ref in sorted(s.tables.items()):
             digest.update(f"{s.well}/{s.site}/{table}/{ref.key}/{ref.sha256}\n".encode())

@@ -274,6 +274,20 @@ def test_report_fetches_verified_files(
     assert not (tmp_path / "bad" / "Nuclei.csv").exists()
 
 
+def test_report_cpa_options_are_checked(
+    mesh: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = str(tmp_path / "r")
+    code, _, err = run(mesh, capsys, "report", "P1", "--out", out_dir, "--images", "--presign", "60")
+    assert (code, err) == (
+        1,
+        "error: INVALID_ARGUMENT: give --images (a local copy) or --presign (URLs), not both\n",
+    )
+    code, _, err = run(mesh, capsys, "report", "P1", "--out", out_dir, "--presign", "700000")
+    assert code == 1 and "give 1 to 604800 seconds" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_reduce(mesh: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
     mesh.catalog.add_plate("P1", ["DNA"])
     code, out, _ = run(mesh, capsys, "reduce", "P1", "--feature", "Intensity_MeanIntensity_GFP")

@@ -1,5 +1,6 @@
 """An in-memory catalog for the reducer's tests: the calls the reducer makes
-(GetPlate, GetPipeline, ListSites, GetPlateReport, RegisterPlateReport), with
+(GetPlate, GetPipeline, ListSites, ListImages, GetPlateReport,
+RegisterPlateReport), with
 the catalog's rules for reports: one report per (run, generation), versions
 1, 2, …, a generation must be from 1 up to the run's and not older than the
 latest report's. It is not the catalog; the catalog's own tests cover it."""
@@ -26,6 +27,8 @@ class FakeCatalog(catalog_pb2_grpc.CatalogServiceServicer):
         # Small pages, so every reduce walks several of them as on a big plate.
         self.sites_page_size = 5
         self.register_calls = 0
+        self.images: dict[str, list[catalog_pb2.Image]] = {}
+        self.images_page_size = 5
 
     async def GetPlate(
         self, request: catalog_pb2.GetPlateRequest, context: Context
@@ -59,6 +62,16 @@ class FakeCatalog(catalog_pb2_grpc.CatalogServiceServicer):
                 copy.ClearField("provenance")
             jobs.append(copy)
         return catalog_pb2.ListSitesResponse(sites=jobs, next_page_token=str(end) if end < len(every) else "")
+
+    async def ListImages(
+        self, request: catalog_pb2.ListImagesRequest, context: Context
+    ) -> catalog_pb2.ListImagesResponse:
+        start = int(request.page_token or 0)
+        every = self.images.get(request.plate, [])
+        end = start + self.images_page_size
+        return catalog_pb2.ListImagesResponse(
+            images=every[start:end], next_page_token=str(end) if end < len(every) else ""
+        )
 
     async def GetPlateReport(
         self, request: catalog_pb2.GetPlateReportRequest, context: Context

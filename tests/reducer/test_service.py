@@ -53,6 +53,10 @@ async def add_plate(catalog: FakeCatalog, store: ObjectStore, plate: str = "P1")
     for well in WELLS:
         for site in (1, 2):
             ref = types_pb2.SiteRef(plate=plate, well=well, site=site)
+            image_key = f"images/{plate}/{well}/s{site}/DNA/{well}_s{site}.tif"
+            catalog.images.setdefault(plate, []).append(
+                catalog_pb2.Image(site=ref, channel="DNA", object=types_pb2.ObjectRef(key=image_key))
+            )
             if (well, site) == ("B02", 2):
                 jobs.append(
                     catalog_pb2.SiteJob(
@@ -163,6 +167,8 @@ async def test_reduce_run_stores_and_registers_the_report(mesh: Mesh, tmp_path: 
         "cells_per_well.csv": catalog_pb2.REPORT_FILE_KIND_WELL_TABLE,
         "summary.json": catalog_pb2.REPORT_FILE_KIND_SUMMARY_JSON,
         "heatmap_cells_per_well.png": catalog_pb2.REPORT_FILE_KIND_HEATMAP_PNG,
+        "cpa.sqlite": catalog_pb2.REPORT_FILE_KIND_CPA_DATABASE,
+        "cpa.properties": catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES,
     }
     prefix = f"reports/P1/{SHA[:12]}/g12/"
     blobs = {}

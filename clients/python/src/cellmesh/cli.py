@@ -20,13 +20,13 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cellmesh import meshconfig
+from cellmesh import cpa, meshconfig
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.client import (
     DEFAULT_CATALOG,
@@ -439,14 +439,52 @@ async def cmd_requeue(client: CellmeshClient, args: argparse.Namespace, out: Tex
 
 
 async def cmd_report(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
+    if args.images and args.presign:
+        raise ValueError("give --images (a local copy) or --presign (URLs), not both")
+    if args.presign is not None and not 1 <= args.presign <= 604800:
+        raise ValueError(
+            f"--presign {args.presign}: give 1 to 604800 seconds (7 days, the most S3 signs for)"
+        )
     report = await client.report(args.plate, args.version, args.pipeline or "")
     config = ObjectStoreConfig.discover()
+    folder = Path(args.out)
     async with ObjectStore(config) as store:
-        files = await download_report(store, report, Path(args.out))
-    _print_report(report, config.bucket, out)
-    print(f"{len(files)} file(s) written, checksums verified:", file=out)
-    for _, path in files:
-        print(f"  {path}", file=out)
+        files = await download_report(store, report, folder)
+        images = 0
+        if args.images:
+            for image in await client.list_images(args.plate):
+                parts = PurePosixPath(image.object.key).parts
+                if not parts or parts[0] == "/" or ".." in parts:
+                    raise CellmeshError(grpc.StatusCode.DATA_LOSS, f"unusable image key {image.object.key!r}")
+                await store.download(image.object, folder.joinpath(*parts))
+                images += 1
+        _print_report(report, config.bucket, out)
+        print(f"{len(files)} file(s) written, checksums verified:", file=out)
+        for _, path in files:
+            print(f"  {path}", file=out)
+        for item, path in files:
+            if item.kind != catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES:
+                continue
+            if args.images:
+                prepend = cpa.folder_url(folder)
+                print(f"{images} image(s) written under {folder / 'images'}", file=out)
+            else:
+                expires = args.presign or cpa.MAX_PRESIGN_S
+                prepend = await _presign_cpa(store, path, expires)
+                print(f"image URLs presigned for {expires} s in {folder / cpa.DATABASE}", file=out)
+            await asyncio.to_thread(cpa.set_prepend, path, prepend)
+            print(f"CellProfiler Analyst: open {path} (images from {prepend})", file=out)
+
+
+async def _presign_cpa(store: ObjectStore, properties: Path, expires_s: int) -> str:
+    """Writes presigned image URLs into the downloaded CPA database; returns the prepend."""
+    database = properties.with_name(cpa.DATABASE)
+    columns = cpa.image_columns(await asyncio.to_thread(properties.read_text))
+    urls = {
+        (number, i): await store.presign(key, expires_s)
+        for number, i, key in await asyncio.to_thread(cpa.stored_images, database, columns)
+    }
+    return await asyncio.to_thread(cpa.write_presigned, database, columns, urls)
 
 
 async def cmd_reduce(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -628,6 +666,19 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=0, help="the report version (default: the latest)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the files")
     p.add_argument("--pipeline", metavar="SHA", help="the pipeline (default: the plate's first)")
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="also download the plate's images into DIR/images/ and point the CellProfiler Analyst "
+        "properties at them (else CPA reads them by presigned URLs)",
+    )
+    p.add_argument(
+        "--presign",
+        type=int,
+        metavar="SECONDS",
+        help="how long the presigned image URLs in the copy's CellProfiler Analyst database "
+        "stay valid (default and most: 604800, 7 days)",
+    )
     p.set_defaults(run=cmd_report)
 
     p = commands.add_parser("reduce", help="make a report of the plate's current results now (reducer)")

@@ -624,6 +624,14 @@ class ObjectStore:
         kind = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return await self.upload_bytes(key, data, kind)
 
+    async def presign(self, key: str, expires_s: int) -> str:
+        """A URL that reads `key` without credentials for `expires_s` seconds
+        (SigV4: at most 7 days)."""
+        url = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+        )
+        return str(url)
+
     async def download(self, ref: types_pb2.ObjectRef, path: Path) -> Path:
         """Fetches the object `ref` names into `path`, checking its size and
         SHA-256 against `ref`; a mismatch (DATA_LOSS) leaves no file behind."""

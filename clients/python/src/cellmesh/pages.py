@@ -33,3 +33,18 @@ async def all_site_jobs(
 ) -> list[catalog_pb2.SiteJob]:
     """Every job `request` selects, from every page, in plate order."""
     return [job async for job in site_jobs(stub, request, timeout)]
+
+
+async def image_pages(
+    stub: CatalogServiceAsyncStub, request: catalog_pb2.ListImagesRequest, timeout: float | None = None
+) -> AsyncIterator[list[catalog_pb2.Image]]:
+    """Every image `request` selects, one ListImages page (at most 10,000) at a time."""
+    page = catalog_pb2.ListImagesRequest()
+    page.CopyFrom(request)
+    while True:
+        reply = await stub.ListImages(page, timeout=timeout)
+        if reply.images:
+            yield list(reply.images)
+        if not reply.next_page_token:
+            return
+        page.page_token = reply.next_page_token

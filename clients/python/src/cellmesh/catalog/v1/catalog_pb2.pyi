@@ -99,6 +99,14 @@ class _ReportFileKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Report
     """A plate heatmap, PNG."""
     REPORT_FILE_KIND_SUMMARY_JSON: _ReportFileKind.ValueType  # 5
     """A machine-readable summary of the report, JSON."""
+    REPORT_FILE_KIND_CPA_DATABASE: _ReportFileKind.ValueType  # 9
+    """The report as a CellProfiler Analyst database: SQLite with the
+    Per_Image and Per_Object tables of CellProfiler's ExportToDatabase.
+    """
+    REPORT_FILE_KIND_CPA_PROPERTIES: _ReportFileKind.ValueType  # 10
+    """The CellProfiler Analyst properties file that opens the database and
+    the plate's images.
+    """
 
 class ReportFileKind(_ReportFileKind, metaclass=_ReportFileKindEnumTypeWrapper):
     """The kind of a report file."""
@@ -115,6 +123,14 @@ REPORT_FILE_KIND_HEATMAP_PNG: ReportFileKind.ValueType  # 4
 """A plate heatmap, PNG."""
 REPORT_FILE_KIND_SUMMARY_JSON: ReportFileKind.ValueType  # 5
 """A machine-readable summary of the report, JSON."""
+REPORT_FILE_KIND_CPA_DATABASE: ReportFileKind.ValueType  # 9
+"""The report as a CellProfiler Analyst database: SQLite with the
+Per_Image and Per_Object tables of CellProfiler's ExportToDatabase.
+"""
+REPORT_FILE_KIND_CPA_PROPERTIES: ReportFileKind.ValueType  # 10
+"""The CellProfiler Analyst properties file that opens the database and
+the plate's images.
+"""
 Global___ReportFileKind: _TypeAlias = ReportFileKind  # noqa: Y015
 
 @_typing.final
