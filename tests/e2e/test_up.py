@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,11 @@ def test_down_after_the_supervisor_was_killed(
         assert "in memory" not in result.stdout
         assert "root:***@" in result.stdout and mariadb_url not in json.dumps(running(state_dir))
         names = [p["name"] for p in running(state_dir)["processes"]]  # type: ignore[attr-defined]
-        assert names == ["catalog", "scheduler", "cpworker-0", "reducer"]
+        assert names == ["catalog", "scheduler", "cpworker-0", "reducer", "web"]
+        web = str(running(state_dir)["web"])  # type: ignore[index]
+        assert f"web page      {web}\n" in result.stdout
+        with urllib.request.urlopen(f"{web}api/plates", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"plates": []}
         client = clean_env(home)
         pipeline = REPO / "examples" / "pipelines" / "nuclei.cppipe"
         result = sh(f"cellmesh pipeline register {pipeline} --name nuclei", client, tmp_path)
