@@ -60,7 +60,11 @@ async def main(settings: WebSettings) -> None:
             thumbnail_px=settings.thumbnail_px,
             presign_seconds=settings.presign_seconds,
         )
-        runner = web.AppRunner(make_app(reader, settings.max_upload_bytes), access_log=None)
+        runner = web.AppRunner(
+            make_app(reader, settings.max_upload_bytes),
+            access_log=None,
+            shutdown_timeout=settings.grace_seconds,
+        )
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 READER: web.AppKey[MeshReader] = web.AppKey("reader", MeshReader)
+#: The open event streams (each one's wake-up event) and whether the service stops.
+STREAMS: web.AppKey[set[asyncio.Event]] = web.AppKey("streams", set)
+CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 _PLATE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _WELL = re.compile(r"^[A-Z]{1,2}\d{2,3}$")
 _CHANNEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -42,6 +45,10 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.DATA_LOSS: 502,
 }
+#: A stream that ends with these is opened again by the browser (EventSource).
+RECONNECT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 #: Server-sent events: a comment this often keeps proxies from closing the stream.
 KEEPALIVE_S = 15.0
 #: Well states are listed at most this often while sites change.
@@ -172,6 +179,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     changed = asyncio.Event()
+    streams = request.app[STREAMS]
+    streams.add(changed)
     latest: dict[str, Any] = {}
     done = asyncio.Event()
 
@@ -183,7 +192,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                 if p.complete:
                     break
         except CellmeshError as exc:
-            latest["error"] = {"code": exc.code.name, "error": exc.message}
+            latest["error"] = exc
             changed.set()
         done.set()
         changed.set()
@@ -199,12 +208,20 @@ async def events(request: web.Request) -> web.StreamResponse:
                 await response.write(b": keepalive\n\n")
                 continue
             changed.clear()
+            if request.app[CLOSING].is_set():
+                break  # the service stops: the browser reconnects to another one
             if "error" in latest:
-                await response.write(_event("failure", latest.pop("error")))
-                break
+                exc = latest.pop("error")
+                if exc.code not in RECONNECT:
+                    await response.write(_event("failure", {"code": exc.code.name, "error": exc.message}))
+                break  # after a passing fault the browser's EventSource connects again
             if "progress" in latest:
                 await response.write(_event("progress", latest["progress"]))
-                wells_now = await reader.wells(plate_name)
+                try:
+                    wells_now = await reader.wells(plate_name)
+                except CellmeshError as exc:
+                    log.warning("listing the wells of %s: %s", plate_name, exc)
+                    break
                 if wells_now != last_wells:
                     await response.write(_event("wells", wells_now))
                     last_wells = wells_now
@@ -217,18 +234,30 @@ async def events(request: web.Request) -> web.StreamResponse:
             if wait > 0:
                 await asyncio.sleep(wait)
             last_sent = time.monotonic()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
         pass  # the browser went away
     finally:
+        streams.discard(changed)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     return response
 
 
+async def _close_streams(app: web.Application) -> None:
+    app[CLOSING].set()
+    open_streams: set[asyncio.Event] = app[STREAMS]
+    for changed in tuple(open_streams):
+        changed.set()
+
+
 def make_app(reader: MeshReader, max_upload_bytes: int) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=max_upload_bytes)
     app[READER] = reader
+    streams: set[asyncio.Event] = set()
+    app[STREAMS] = streams
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.append(_close_streams)
     app.router.add_get("/", page)
     app.router.add_get("/plates/{plate}", page)
     app.router.add_get("/plates/{plate}/wells/{well}", page)

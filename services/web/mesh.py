@@ -114,14 +114,19 @@ def _number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: Columns of CellProfiler's tables that describe the run, not the cells.
+BOOKKEEPING = (
+    "FileName_", "PathName_", "URL_", "MD5Digest_", "Metadata_", "ExecutionTime_", "ModuleError_",
+    "Channel_", "Frame_", "Series_", "Scaling_", "Height_", "Width_", "Group_",
+)  # fmt: skip
+
+
 def numeric_columns(row: Mapping[str, str]) -> dict[str, float]:
     """The row's measurements: every column holding a finite number, except
     CellProfiler's bookkeeping (image and object numbers, file names)."""
     out: dict[str, float] = {}
     for name, raw in row.items():
-        if not name or name.startswith(("FileName_", "PathName_", "URL_", "MD5Digest_", "Metadata_")):
-            continue
-        if name in ("ImageNumber", "ObjectNumber", "Group_Index", "Group_Number"):
+        if not name or name.startswith(BOOKKEEPING) or name in ("ImageNumber", "ObjectNumber"):
             continue
         value = _number(raw)
         if value is not None:
@@ -259,7 +264,13 @@ class MeshReader:
 
     async def well(self, plate_name: str, well: str) -> dict[str, Any]:
         images = await self.client.list_images(plate_name, well)
-        jobs = [j for j in await self.client.list_sites(plate_name, with_results=True) if j.site.well == well]
+        jobs: list[catalog_pb2.SiteJob] = []
+        # Jobs come in plate order: the walk stops after the well's last site.
+        async for job in self.client.iter_sites(plate_name, with_results=True, page_size=100):
+            if job.site.well == well:
+                jobs.append(job)
+            elif jobs:
+                break  # the event loop closes the walk
         if not images and not jobs:
             raise CellmeshError(
                 grpc.StatusCode.NOT_FOUND, f"plate {plate_name} has no images or sites in well {well}"
@@ -351,13 +362,16 @@ class MeshReader:
         summary: Any = None
         for f in report.files:
             kind = KIND_NAMES.get(f.kind, "file")
+            suffix = Path(f.name).suffix.lower()
+            if suffix in (".png", ".svg"):
+                kind = "plot_png"  # heatmaps, QC plots: every picture of the report is shown
             entry = {
                 "name": f.name,
                 "kind": kind,
                 "size": f.object.size,
                 "download": self.presign(f.object.key, Path(f.name).name),
             }
-            if kind == "plot_png":
+            if kind == "plot_png" or suffix in (".html", ".pdf"):
                 entry["view"] = self.presign_inline(f.object.key)
             files.append(entry)
             if kind == "summary_json":

@@ -60,8 +60,14 @@ def test_a_well_takes_its_least_advanced_state_and_failure_first() -> None:
 
 def test_measurements_leave_out_bookkeeping_columns() -> None:
     row = {"ImageNumber": "1", "Count_Nuclei": "17", "FileName_DNA": "a.tif", "Metadata_Well": "A01",
-           "Intensity_MeanIntensity_GFP": "0.25", "Threshold_FinalThreshold_Nuclei": "nan", "Note": "x"}  # fmt: skip
-    assert numeric_columns(row) == {"Count_Nuclei": 17.0, "Intensity_MeanIntensity_GFP": 0.25}
+           "Intensity_MeanIntensity_GFP": "0.25", "Threshold_FinalThreshold_Nuclei": "nan", "Note": "x",
+           "ExecutionTime_05IdentifyPrimaryObjects": "0.14", "ModuleError_01Images": "0", "Height_DNA": "256",
+           "Threshold_OrigThreshold_Nuclei": "0.04", "Group_Index": "1"}  # fmt: skip
+    assert numeric_columns(row) == {
+        "Count_Nuclei": 17.0,
+        "Intensity_MeanIntensity_GFP": 0.25,
+        "Threshold_OrigThreshold_Nuclei": 0.04,
+    }
 
 
 def test_settings_come_from_the_environment_and_every_problem_is_named() -> None:

@@ -8,6 +8,7 @@ const main = document.getElementById("main");
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined) continue;
     if (k === "class") node.className = v;
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(node.dataset, v);
@@ -88,7 +89,9 @@ async function showPlate(name, well) {
     el("option", { value: "state" }, "state"));
   fill(main, 
     el("h1", {}, `Plate ${plate.name}`),
-    el("p", { class: "muted" }, `channels ${plate.channels.join(", ")} · ${plate.image_count} images`),
+    el("p", { class: "muted" }, `channels ${plate.channels.join(", ")}`,
+      plate.sites_per_well ? ` · ${plate.sites_per_well} site(s) per well` : "",
+      ` · pipeline ${plate.pipelines.map((p) => p.slice(0, 12)).join(" → ")}`),
     plate.progress ? counts(plate.progress) : el("div", { id: "counts" }),
     el("div", { class: "layout" },
       el("div", {},
@@ -229,7 +232,8 @@ async function loadReport() {
     report.summary ? [el("h3", {}, "Summary and QC"), summaryView(report.summary)] : null,
     el("h3", {}, "Downloads"),
     el("ul", { class: "downloads" }, ...report.files.map((f) =>
-      el("li", {}, el("a", { href: f.download }, f.name), ` (${f.kind}, ${f.size} bytes)`))));
+      el("li", {}, el("a", { href: f.download }, f.name), ` (${f.kind}, ${f.size} bytes)`,
+        f.view && f.kind !== "plot_png" ? [" · ", el("a", { href: f.view, target: "_blank", class: "view" }, "open")] : null))));
   try {
     view.features = await api(`/api/plates/${encodeURIComponent(view.plate)}/features`);
     const select = document.getElementById("colour-by");
