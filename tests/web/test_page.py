@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -100,9 +101,12 @@ async def test_plate_map_turns_done_live_then_a_well_and_the_report(
             """() => {
                 window.__loadedOnce = true;
                 window.__seen = {};
+                window.__doneAt = {};
                 const note = () => document.querySelectorAll('#plate-map .well').forEach(w => {
                     const s = (window.__seen[w.dataset.well] ||= []);
                     if (s[s.length - 1] !== w.dataset.state) s.push(w.dataset.state);
+                    if (w.dataset.state === 'done' && !(w.dataset.well in window.__doneAt))
+                        window.__doneAt[w.dataset.well] = Date.now();
                 });
                 note();
                 new MutationObserver(note).observe(document.getElementById('plate-map'),
@@ -133,6 +137,14 @@ async def test_plate_map_turns_done_live_then_a_well_and_the_report(
             assert states[-1] == "done" and len(states) >= 2, f"{well} was drawn as {states}"
         counts = await page.inner_text("#counts")
         assert "done 6" in counts, counts
+        # How long after the catalog recorded a site done the page drew it (same machine, same clock).
+        drawn_at = await page.evaluate("() => window.__doneAt")
+        listed = await catalog.ListSites(catalog_pb2.ListSitesRequest(plate=plate))
+        lags = sorted(
+            drawn_at[j.site.well] / 1000 - j.finished_at.ToMicroseconds() / 1e6 for j in listed.sites
+        )
+        print(f"site done in the catalog -> drawn done on the page: {', '.join(f'{x:.2f}' for x in lags)} s")
+        assert 0 <= lags[0] and lags[-1] < 5, lags
 
         # The report: its plots load (presigned URLs on the object store).
         await page.wait_for_selector("#report img.plot", timeout=180_000)
@@ -282,3 +294,16 @@ async def test_the_api_says_what_to_fix(mesh: Mesh) -> None:
     assert status == 400 and "multipart" in body["error"]
     status, body = await asyncio.to_thread(get, "thumbnails/WEBDROP/A01/0/NOPE.png")
     assert status == 404 and "NOPE" in body["error"]
+    empty_form = {"Content-Type": "multipart/form-data; boundary=x"}
+    status, body = await asyncio.to_thread(get, "api/plates/WEBDROP/upload", b"--x--\r\n", empty_form)
+    assert status == 400 and "pattern" in body["error"]
+
+    # A thumbnail is made once from the stored image, then served from the cache.
+    url = f"{mesh.web_url}thumbnails/WEBDROP/A02/0/GFP.png"
+    took = []
+    for _ in range(2):
+        start = time.perf_counter()
+        pngs = await asyncio.to_thread(_download, url)
+        took.append(time.perf_counter() - start)
+        assert pngs[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"thumbnail of a 128 px TIFF: {took[0] * 1000:.0f} ms made, {took[1] * 1000:.0f} ms cached")
