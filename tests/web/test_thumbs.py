@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,16 @@ def test_settings_come_from_the_environment_and_every_problem_is_named() -> None
         WebSettings.from_env({"HTTP_PORT": "web", "THUMBNAIL_PX": "0", "AWS_ACCESS_KEY_ID": "k"})
     text = str(raised.value)
     assert "HTTP_PORT" in text and "THUMBNAIL_PX" in text and "AWS_SECRET_ACCESS_KEY" in text
+
+
+def test_real_microscope_images_make_thumbnails(shared_data: Path) -> None:
+    """The CellProfiler team's ExampleHuman site and a BBBC013 image."""
+    files = sorted((shared_data / "example_human" / "images").glob("*.tif"))
+    files.append(shared_data / "bbbc013_translocation_plate" / "images" / "Channel2-01-A-01.tif")
+    assert len(files) == 4
+    for path in files:
+        with Image.open(io.BytesIO(thumbnail_png(path.read_bytes(), 256))) as im:
+            grey = np.asarray(im)
+        assert im.size == (256, 256), path.name
+        assert grey.min() == 0 and grey.max() == 255, path.name  # stretched, not blank
+        assert 0.001 < (grey > 128).mean() < 0.9, path.name  # cells on a background (PH3: few)
