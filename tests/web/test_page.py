@@ -23,6 +23,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from cellmesh.catalog.v1 import catalog_pb2
+from cellmesh.common.v1 import types_pb2
 
 from services.common.s3 import ObjectStore
 from services.mesh import microscope
@@ -307,3 +308,49 @@ async def test_the_api_says_what_to_fix(mesh: Mesh) -> None:
         took.append(time.perf_counter() - start)
         assert pngs[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"thumbnail of a 128 px TIFF: {took[0] * 1000:.0f} ms made, {took[1] * 1000:.0f} ms cached")
+
+
+async def test_a_failed_site_is_red_with_its_reason(mesh: Mesh, browser: Any, tmp_path: Path) -> None:
+    """A site whose image does not match its registered checksum fails as an
+    input problem: its well turns red live and the well shows why."""
+    plate = "WEBFAIL"
+    async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        catalog = catalog_stub(channel)
+        (site,) = await create_generated_plate(catalog, tmp_path / "img", plate, 1, 1, 1, size=128, seed=9)
+        page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+        await page.goto(f"{mesh.web_url}plates/{plate}/wells/A01")
+        await page.wait_for_selector("#plate-map .well[data-well='A01']")
+        regs = []
+        for name, path in site.files.items():
+            stored = await store.put_file(f"images/{plate}/A01/s0/{name}/{path.name}", path)
+            digest = stored.sha256 if name == "GFP" else "0" * 64  # DNA registered with another checksum
+            regs.append(
+                catalog_pb2.ImageRegistration(
+                    site=types_pb2.SiteRef(plate=plate, well="A01", site=0),
+                    channel=name,
+                    object=types_pb2.ObjectRef(key=stored.key, size=stored.size, sha256=digest),
+                    file_name=path.name,
+                )
+            )
+        await catalog.RegisterImages(catalog_pb2.RegisterImagesRequest(images=regs))
+        await page.wait_for_selector("#plate-map .well[data-well='A01'][data-state=failed]", timeout=120_000)
+        failure = page.locator("#well-panel .failure")
+        await failure.wait_for(timeout=30_000)
+        (job,) = (await catalog.ListSites(catalog_pb2.ListSitesRequest(plate=plate))).sites
+        assert job.failure_class == types_pb2.FAILURE_CLASS_INPUT_PROBLEM
+        assert await failure.inner_text() == f"FAILURE_CLASS_INPUT_PROBLEM: {job.failure_reason}"
+        # The thumbnail of the image that does not match says so instead of drawing other bytes.
+        said = page.locator("#well-panel .thumb-error[data-channel=DNA]")
+        await said.wait_for(timeout=30_000)
+        assert (await said.inner_text()).startswith("DATA_LOSS: ") and "SHA-256" in await said.inner_text()
+        await page.wait_for_function(
+            "() => [...document.querySelectorAll('#well-panel img.thumbnail')].every(i => i.complete)"
+        )
+        thumbs = await page.eval_on_selector_all(
+            "#well-panel img.thumbnail", "is => is.map(i => [i.alt, i.naturalWidth > 0])"
+        )
+        assert thumbs == [[f"GFP {site.files['GFP'].name}", True]]
+        reply = await page.request.get(f"{mesh.web_url}thumbnails/{plate}/A01/0/DNA.png")
+        assert reply.status == 502 and "SHA-256" in (await reply.json())["error"]
+        await page.screenshot(path=str(_shots(tmp_path) / "7-failed-site.png"), full_page=True)
+        await page.close()

@@ -206,13 +206,21 @@ function siteBox(s) {
     s.failure_reason ? el("p", { class: "error failure" }, `${s.failure_class}: ${s.failure_reason}`) : null,
     el("div", { class: "thumbs" }, ...s.images.map((i) => el("figure", {},
       el("a", { href: i.download, title: `download ${i.file_name}` },
-        el("img", { class: "thumbnail", src: i.thumbnail, alt: `${i.channel} ${i.file_name}`, loading: "lazy" })),
+        el("img", { class: "thumbnail", src: i.thumbnail, alt: `${i.channel} ${i.file_name}`, loading: "lazy", onerror: thumbnailFailed })),
       el("figcaption", {}, `${i.channel}: ${i.file_name}`)))),
     s.metadata && Object.keys(s.metadata).length ? [el("h3", {}, "Metadata"), kv(s.metadata, "metadata")] : null,
     s.measurements && Object.keys(s.measurements).length ? [el("h3", {}, "Measurements (Image table)"), kv(s.measurements, "measurements")] : null,
     s.provenance && Object.keys(s.provenance).length ? [el("h3", {}, "Provenance"), kv(s.provenance, "provenance")] : null,
     s.results && s.results.length ? [el("h3", {}, "Result files"),
       el("ul", { class: "results" }, ...s.results.map((r) => el("li", {}, el("a", { href: r.download }, r.name), ` (${r.size} bytes)`)))] : null);
+}
+
+async function thumbnailFailed(e) {
+  // Say why instead of a broken picture (e.g. the stored image does not match its checksum).
+  const img = e.target;
+  const body = await fetch(img.src).then((r) => r.json()).catch(() => ({ error: "the thumbnail could not be loaded" }));
+  img.replaceWith(el("div", { class: "thumb-error error", "data-channel": img.alt.split(" ")[0] },
+    `${body.code ? body.code + ": " : ""}${body.error}`));
 }
 
 async function loadReport() {
