@@ -173,8 +173,8 @@ class MeshReader:
     # Files, by content.
 
     async def fetch(self, ref: types_pb2.ObjectRef) -> Path:
-        """The object `ref` names, from the cache or the store (checked
-        against its registered SHA-256)."""
+        """The object `ref` names (a table, a summary), from the cache or the
+        store (checked against its registered SHA-256)."""
         path = self.cache_dir / "objects" / ref.sha256
         if path.exists():
             return path
@@ -342,8 +342,13 @@ class MeshReader:
         cached = self.cache_dir / "thumbnails" / f"{image.object.sha256}-{self.thumbnail_px}.png"
         if cached.exists():
             return await asyncio.to_thread(cached.read_bytes)
-        source = await self.fetch(image.object)
-        data = await asyncio.to_thread(source.read_bytes)
+        # The image itself is not kept: only its thumbnail is.
+        source = self.cache_dir / "partial" / f"{image.object.sha256}-{id(image)}"
+        try:
+            await self.store.download(image.object, source)
+            data = await asyncio.to_thread(source.read_bytes)
+        finally:
+            source.unlink(missing_ok=True)
         try:
             png = await asyncio.to_thread(thumbnail_png, data, self.thumbnail_px)
         except NotAnImage as exc:

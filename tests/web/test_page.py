@@ -273,41 +273,52 @@ async def test_dropping_a_folder_registers_its_images(mesh: Mesh, browser: Any, 
             )
         await page.close()
 
+        # A thumbnail is made once from the stored image, then served from the cache;
+        # only thumbnails (and tables) are kept, never the images themselves.
+        url = f"{mesh.web_url}thumbnails/{plate}/A02/0/GFP.png"
+        took = []
+        for _ in range(2):
+            start = time.perf_counter()
+            png = await asyncio.to_thread(_download, url)
+            took.append(time.perf_counter() - start)
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        print(f"thumbnail of a 128 px TIFF: {took[0] * 1000:.0f} ms made, {took[1] * 1000:.0f} ms cached")
+        cache = mesh.procs.log_dir.parent / "web-cache"
+        kept = {p.name for p in cache.rglob("*") if p.is_file()}
+        gfp = next(i for i in images if i.site.well == "A02" and i.channel == "GFP")
+        assert f"{gfp.object.sha256}-256.png" in kept
+        assert not kept & {i.object.sha256 for i in images}, "images were kept in the web cache"
+        status, body = await asyncio.to_thread(_get, f"{mesh.web_url}thumbnails/{plate}/A01/0/NOPE.png")
+        assert status == 404 and "NOPE" in body["error"]
+
+
+def _get(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
 
 async def test_the_api_says_what_to_fix(mesh: Mesh) -> None:
     """Bad requests get a status and a message naming the problem."""
-
-    def get(path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        request = urllib.request.Request(mesh.web_url + path, data=data, headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    status, body = await asyncio.to_thread(get, "api/plates/NO_SUCH_PLATE/wells")
+    web = mesh.web_url
+    status, body = await asyncio.to_thread(_get, f"{web}api/plates/NO_SUCH_PLATE/wells")
     assert status == 404 and body["code"] == "NOT_FOUND" and "NO_SUCH_PLATE" in body["error"]
-    status, body = await asyncio.to_thread(get, "api/plates/WEBLIVE/wells/Z99x")
+    status, body = await asyncio.to_thread(_get, f"{web}api/plates/bad%20name")
+    assert status == 400 and "letters, digits" in body["error"]
+    status, body = await asyncio.to_thread(_get, f"{web}api/plates/P1/wells/Z99x")
     assert status == 400 and "well" in body["error"]
     status, body = await asyncio.to_thread(
-        get, "api/plates/WEBDROP/upload", b"x=1", {"Content-Type": "text/plain"}
+        _get, f"{web}api/plates/P1/upload", b"x=1", {"Content-Type": "text/plain"}
     )
     assert status == 400 and "multipart" in body["error"]
-    status, body = await asyncio.to_thread(get, "thumbnails/WEBDROP/A01/0/NOPE.png")
-    assert status == 404 and "NOPE" in body["error"]
     empty_form = {"Content-Type": "multipart/form-data; boundary=x"}
-    status, body = await asyncio.to_thread(get, "api/plates/WEBDROP/upload", b"--x--\r\n", empty_form)
+    status, body = await asyncio.to_thread(_get, f"{web}api/plates/P1/upload", b"--x--\r\n", empty_form)
     assert status == 400 and "pattern" in body["error"]
-
-    # A thumbnail is made once from the stored image, then served from the cache.
-    url = f"{mesh.web_url}thumbnails/WEBDROP/A02/0/GFP.png"
-    took = []
-    for _ in range(2):
-        start = time.perf_counter()
-        pngs = await asyncio.to_thread(_download, url)
-        took.append(time.perf_counter() - start)
-        assert pngs[:8] == b"\x89PNG\r\n\x1a\n"
-    print(f"thumbnail of a 128 px TIFF: {took[0] * 1000:.0f} ms made, {took[1] * 1000:.0f} ms cached")
+    status, body = await asyncio.to_thread(_get, f"{web}thumbnails/P1/A01/x/DNA.png")
+    assert status == 400 and "SITE" in body["error"]
 
 
 async def test_a_failed_site_is_red_with_its_reason(mesh: Mesh, browser: Any, tmp_path: Path) -> None:
