@@ -154,13 +154,13 @@ def test_up_readme_commands_down(tmp_path: Path, shared_data: Path, amqp_url: st
                 client_file = json.loads(config.read_text())
                 assert client_file["state_dir"] == str(state_dir)
                 tree = descendants(int(client_file["pid"]))
-                # s3, catalog, scheduler, a worker (and its CellProfiler child), reducer.
-                assert len(tree) >= 6, tree
+                # s3, catalog, scheduler, a worker (and its CellProfiler child), reducer, web.
+                assert len(tree) >= 7, tree
                 again = sh("cellmesh up", env, work)
                 assert again.returncode == 0 and "already up" in again.stdout, again
                 status = sh("cellmesh status", env, work)
                 assert status.returncode == 0, status
-                assert len(re.findall(r"\brunning\b", status.stdout)) == 5, status.stdout
+                assert len(re.findall(r"\brunning\b", status.stdout)) == 6, status.stdout
         # The report, as CellProfiler's own command line counts that site (data README).
         cells = (work / "AS_09125-report" / "cells_per_well.csv").read_text().splitlines()
         assert cells[0].split(",")[:2] == ["Metadata_Plate", "Metadata_Well"]
