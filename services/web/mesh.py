@@ -121,12 +121,17 @@ BOOKKEEPING = (
 )  # fmt: skip
 
 
-def numeric_columns(row: Mapping[str, str]) -> dict[str, float]:
+def numeric_columns(row: Mapping[str, str], prefix: str = "") -> dict[str, float]:
     """The row's measurements: every column holding a finite number, except
-    CellProfiler's bookkeeping (image and object numbers, file names)."""
+    CellProfiler's bookkeeping (image and object numbers, file names, module
+    timings), also after a table's `prefix` (the reducer's well tables name
+    columns `Image_Count_Nuclei`)."""
     out: dict[str, float] = {}
     for name, raw in row.items():
-        if not name or name.startswith(BOOKKEEPING) or name in ("ImageNumber", "ObjectNumber"):
+        bare = name.removeprefix(prefix) if prefix else name
+        if not name or name.startswith(BOOKKEEPING) or bare.startswith(BOOKKEEPING):
+            continue
+        if bare in ("ImageNumber", "ObjectNumber"):
             continue
         value = _number(raw)
         if value is not None:
@@ -418,7 +423,7 @@ class MeshReader:
                 well = row.get("Metadata_Well", "")
                 if not well:
                     continue
-                for column, value in numeric_columns(row).items():
+                for column, value in numeric_columns(row, f"{stem}_").items():
                     values.setdefault(f"{stem}: {column}", {})[well] = value
         return {"version": report.version, "features": sorted(values), "values": values}
 

@@ -194,10 +194,10 @@ async def test_plate_map_turns_done_live_then_a_well_and_the_report(
         await page.screenshot(path=str(shots / "4-well-A02.png"), full_page=True)
 
         # Colour by a per-well feature of the report.
-        feature = "cells_per_well: Count_Nuclei"
         options_now = await page.eval_on_selector_all("#colour-by option", "os => os.map(o => o.value)")
-        feature = next((o for o in options_now if o.endswith("Count_Nuclei")), "")
-        assert feature, options_now
+        feature = "cells_per_well: Count_Nuclei"
+        assert feature in options_now and "Image: Image_Count_Nuclei" in options_now, options_now
+        assert not [o for o in options_now if "ExecutionTime" in o or "ModuleError" in o], options_now
         await page.select_option("#colour-by", feature)
         values = await page.eval_on_selector_all(
             "#plate-map .well[data-value]",

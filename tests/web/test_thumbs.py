@@ -59,6 +59,16 @@ def test_a_well_takes_its_least_advanced_state_and_failure_first() -> None:
     assert well_state(["waiting", "done", "failed"]) == "failed"
 
 
+def test_well_table_columns_are_read_after_their_table_prefix() -> None:
+    row = {"Metadata_Well": "A01", "Metadata_Object_Count": "12", "Image_Count_Nuclei": "12",
+           "Image_ExecutionTime_01Images": "0.1", "Image_ModuleError_02Metadata": "0", "Image_ImageNumber": "3",
+           "Image_Intensity_MeanIntensity_GFP": "0.5"}  # fmt: skip
+    assert numeric_columns(row, "Image_") == {
+        "Image_Count_Nuclei": 12.0,
+        "Image_Intensity_MeanIntensity_GFP": 0.5,
+    }
+
+
 def test_measurements_leave_out_bookkeeping_columns() -> None:
     row = {"ImageNumber": "1", "Count_Nuclei": "17", "FileName_DNA": "a.tif", "Metadata_Well": "A01",
            "Intensity_MeanIntensity_GFP": "0.25", "Threshold_FinalThreshold_Nuclei": "nan", "Note": "x",
