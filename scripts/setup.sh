@@ -2,6 +2,7 @@
 # Installs everything cellmesh needs on this machine, idempotently:
 #   .venv/            the services' environment (Python 3.11, editable installs)
 #   node_modules/     buf, pinned (contracts lint/format/breaking)
+#   chromium          Debian's browser and driver, for the web page's tests
 #   CellProfiler      its own environment, cached outside the clone under
 #                     ${CELLMESH_CACHE:-~/.cache/cellmesh} (see install_cellprofiler.sh)
 # A second run only checks stamps and takes seconds.
@@ -31,6 +32,15 @@ fi
 if [ ! -x node_modules/.bin/buf ]; then
   say "installing buf (npm)"
   npm ci --no-audit --no-fund --loglevel=error >&2
+fi
+
+# A real browser for the web page's tests: Debian's chromium and its driver
+# (Playwright drives /usr/bin/chromium; nothing downloads a browser).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  say "installing chromium and chromium-driver (apt-get)"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q chromium chromium-driver >&2
 fi
 
 # CellProfiler 4.2.8.1 in its own environment (cached; ~13 min the first time on 2 cores).

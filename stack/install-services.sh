@@ -23,7 +23,7 @@ src=${CELLMESH_SRC:-/src}
 venv=${CELLMESH_VENV:-/opt/cellmesh/venv}
 
 case $service in
-    catalog | scheduler | cpworker | reducer) ;;
+    catalog | scheduler | cpworker | reducer | web) ;;
     *) echo "install-services: unknown service '$service'" >&2; exit 2 ;;
 esac
 

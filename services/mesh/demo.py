@@ -89,6 +89,9 @@ class DemoOptions:
     prepare_store: Callable[[ObjectStore], Awaitable[object]] | None = None
     # Scale the workers with the backlog (services/mesh/autoscale.py) instead of `workers`.
     autoscale: AutoscaleSettings | None = None
+    # Start the web page (services/web) too; its HTTP port (0: a free one).
+    web: bool = True
+    web_port: int = 0
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Mesh:
     topology: Topology
     env: dict[str, str]
     host: str = "127.0.0.1"
+    # The web page (services/web), e.g. http://127.0.0.1:8123/; "" without one.
+    web_url: str = ""
 
 
 def _amqp_host_port(url: str) -> tuple[str, int]:
@@ -194,10 +199,35 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         )
         await procs.wait_healthy(reducer)
         mesh.reducer_addr = reducer.grpc_addr
+        if options.web:
+            await start_web(mesh, options)
     except BaseException:
         await stop_mesh(mesh)
         raise
     return mesh
+
+
+async def start_web(mesh: Mesh, options: DemoOptions) -> Proc:
+    """Starts the web page on the mesh's host; sets `mesh.web_url`."""
+    grpc_port, http_port = free_port(), options.web_port or free_port()
+    proc = mesh.procs.start(
+        "web",
+        "services.web",
+        {
+            **mesh.env,
+            "CATALOG_ADDR": mesh.catalog_addr,
+            "REDUCER_ADDR": mesh.reducer_addr,
+            "GRPC_PORT": str(grpc_port),
+            "HTTP_HOST": mesh.host,
+            "HTTP_PORT": str(http_port),
+            "CACHE_DIR": str(options.run_dir / "web-cache"),
+        },
+        grpc_port,
+        host=mesh.host,
+    )
+    await mesh.procs.wait_healthy(proc)
+    mesh.web_url = f"http://{mesh.host}:{http_port}/"
+    return proc
 
 
 async def start_worker(
@@ -306,6 +336,8 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
             f"({options.mode}), S3 {mesh.s3.endpoint_url}, queues {mesh.topology.prefix}.*",
             file=sys.stderr,
         )
+        if mesh.web_url:
+            print(f"web page: {mesh.web_url}", file=sys.stderr)
         async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
             if scaling is not None:

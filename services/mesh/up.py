@@ -85,6 +85,8 @@ class UpOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     # (min, max): the supervisor scales the workers (services/mesh/autoscale.py).
     autoscale: tuple[int, int] | None = None
+    # The web page's HTTP port (0: a free one).
+    web_port: int = 0
 
 
 def work_dir(state_dir: Path) -> Path:
@@ -258,6 +260,7 @@ async def supervise(options: UpOptions) -> int:
         extra_env=options.extra_env,
         work_dir=work_dir(state_dir),
         prepare_store=(lambda store: _restore(store, state_dir)) if options.s3 is None else None,
+        web_port=options.web_port,
     )
     starting = asyncio.create_task(start_mesh(demo))
     stopping = asyncio.create_task(stop.wait())
@@ -392,6 +395,7 @@ def _describe(mesh: Mesh, options: UpOptions) -> dict[str, Any]:
     return {
         "catalog": mesh.catalog_addr,
         "reducer": mesh.reducer_addr,
+        "web": mesh.web_url,
         "s3": {**_client_s3(mesh.s3), "builtin": options.s3 is None},
         "database": _redact(database),
         "amqp": _redact(options.amqp_url),
@@ -461,6 +465,7 @@ def banner(running: dict[str, Any]) -> str:
         f"cellmesh is up (supervisor pid {running['supervisor']['pid']}); state in {running['state_dir']}",
         f"  catalog       {running['catalog']}",
         f"  reducer       {running['reducer']}",
+        f"  web page      {running.get('web') or '(none)'}",
         f"  workers       {running.get('workers')}",
         f"  database      {running.get('database')}",
         f"  object store  {s3.get('endpoint_url') or 'AWS S3'}, bucket {s3.get('bucket')}"
@@ -567,6 +572,8 @@ def _start_detached(options: UpOptions) -> int:
     ]  # fmt: skip
     if options.autoscale is not None:
         argv += ["--autoscale", f"{options.autoscale[0]}:{options.autoscale[1]}"]
+    if options.web_port:
+        argv += ["--web-port", str(options.web_port)]
     if options.s3 is not None:
         argv += ["--s3-endpoint", options.s3.endpoint_url or "", "--s3-bucket", options.s3.bucket]
         argv += ["--s3-region", options.s3.region]

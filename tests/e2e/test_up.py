@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -153,13 +154,13 @@ def test_up_readme_commands_down(tmp_path: Path, shared_data: Path, amqp_url: st
                 client_file = json.loads(config.read_text())
                 assert client_file["state_dir"] == str(state_dir)
                 tree = descendants(int(client_file["pid"]))
-                # s3, catalog, scheduler, a worker (and its CellProfiler child), reducer.
-                assert len(tree) >= 6, tree
+                # s3, catalog, scheduler, a worker (and its CellProfiler child), reducer, web.
+                assert len(tree) >= 7, tree
                 again = sh("cellmesh up", env, work)
                 assert again.returncode == 0 and "already up" in again.stdout, again
                 status = sh("cellmesh status", env, work)
                 assert status.returncode == 0, status
-                assert len(re.findall(r"\brunning\b", status.stdout)) == 5, status.stdout
+                assert len(re.findall(r"\brunning\b", status.stdout)) == 6, status.stdout
         # The report, as CellProfiler's own command line counts that site (data README).
         cells = (work / "AS_09125-report" / "cells_per_well.csv").read_text().splitlines()
         assert cells[0].split(",")[:2] == ["Metadata_Plate", "Metadata_Well"]
@@ -215,7 +216,11 @@ def test_down_after_the_supervisor_was_killed(
         assert "in memory" not in result.stdout
         assert "root:***@" in result.stdout and mariadb_url not in json.dumps(running(state_dir))
         names = [p["name"] for p in running(state_dir)["processes"]]  # type: ignore[attr-defined]
-        assert names == ["catalog", "scheduler", "cpworker-0", "reducer"]
+        assert names == ["catalog", "scheduler", "cpworker-0", "reducer", "web"]
+        web = str(running(state_dir)["web"])  # type: ignore[index]
+        assert f"web page      {web}\n" in result.stdout
+        with urllib.request.urlopen(f"{web}api/plates", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"plates": []}
         client = clean_env(home)
         pipeline = REPO / "examples" / "pipelines" / "nuclei.cppipe"
         result = sh(f"cellmesh pipeline register {pipeline} --name nuclei", client, tmp_path)

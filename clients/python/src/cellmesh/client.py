@@ -111,7 +111,12 @@ class CellmeshClient:
         reducer: str | None = None,
         *,
         timeout: float | None = 120.0,
+        channel: grpc.aio.Channel | None = None,
+        reducer_channel: grpc.aio.Channel | None = None,
     ) -> None:
+        """`channel` and `reducer_channel`, when given, are used instead of
+        opening plain ones to the addresses (a service passes the channels
+        its own helper made); `close` closes them either way."""
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -119,9 +124,11 @@ class CellmeshClient:
         self.catalog_address = catalog
         self.reducer_address = reducer
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(catalog, options=options)
+        self._channel = channel or grpc.aio.insecure_channel(catalog, options=options)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
-        self._reducer_channel = grpc.aio.insecure_channel(reducer, options=options) if reducer else None
+        if reducer_channel is None and reducer:
+            reducer_channel = grpc.aio.insecure_channel(reducer, options=options)
+        self._reducer_channel = reducer_channel
         self._reducer = (
             reducer_pb2_grpc.ReducerServiceStub(self._reducer_channel) if self._reducer_channel else None
         )
