@@ -81,6 +81,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--run-dir", type=Path, default=None, help="where logs and the report go (default var/runs/TIME)"
     )
     demo.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    demo.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run every service with AUTH=off: plain text, no certificates, no roles (default: TLS and roles,"
+        " with a throw-away CA made for the mesh)",
+    )
 
     state_help = "where the mesh keeps its catalog, logs and pids (default: $CELLMESH_STATE_DIR, else %s)"
     config_help = "the file the cellmesh command reads to find the mesh (default: $CELLMESH_CONFIG, else %s)"
@@ -135,6 +141,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     up.add_argument("--state-dir", type=Path, default=None, help=state_help % default_state_dir())
     up.add_argument("--config", type=Path, default=None, help=config_help % config_path())
     up.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run every service with AUTH=off: plain text, no certificates, no roles (default: TLS and roles,"
+        " with a throw-away CA made for the mesh)",
+    )
     up.add_argument(
         "--startup-timeout",
         type=float,
@@ -209,6 +221,7 @@ def main_local(args: argparse.Namespace) -> int:
         s3=s3,
         startup_timeout=args.startup_timeout,
         autoscale=args.autoscale,
+        auth=not args.no_auth,
     )
     if args.autoscale is not None:
         try:  # the settings the supervisor will read, checked before it starts
@@ -245,6 +258,7 @@ def main(argv: list[str]) -> int:
         database_url=args.database_url,
         amqp_url=args.amqp_url,
         shared_data=Path(os.environ.get("CELLMESH_SHARED_DATA", REPO.parent / "shared" / "data")),
+        auth=not args.no_auth,
     )
     if args.autoscale is not None:
         low, high = args.autoscale
