@@ -22,6 +22,7 @@ PERMISSION_DENIED; both messages say what is missing.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import logging
@@ -142,6 +143,14 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("cellmesh_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    """Who makes the call being served (None with AUTH=off, or outside a call)."""
+    return _CALLER.get()
+
+
 class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -238,6 +247,7 @@ def _guarded(
         except Refusal as refusal:
             log.info("refused %s: %s", method, refusal.message)
             await context.abort(refusal.code, refusal.message)
+        _CALLER.set(caller)
 
     def unary(inner: Behaviour) -> Behaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

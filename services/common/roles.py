@@ -7,7 +7,8 @@ certificate one of the user roles:
 
 - *viewer* reads (plates, pipelines, images, sites, progress, reports, status);
 - *scientist* also registers pipelines, plates and images, finishes
-  acquisitions, requeues and asks for a reduce;
+  acquisitions and asks for a reduce, and requeues the plates they created
+  (the catalog checks the plate's creator: `OWN_PLATES_ONLY`);
 - *operator* may call everything.
 
 An RPC missing from `RPC_ROLES` is refused to everyone
@@ -34,6 +35,8 @@ OPERATOR = "operator"
 READ = frozenset({"viewer", "scientist", "operator", *SERVICE_ROLES})
 #: What a scientist does with their plates.
 WRITE = frozenset({"scientist", "operator"})
+#: Roles that may requeue only the plates they created (the catalog checks it).
+OWN_PLATES_ONLY = frozenset({"scientist"})
 
 
 def _only(*roles: str) -> frozenset[str]:
