@@ -93,6 +93,9 @@ class DemoOptions:
     # TLS, certificates and roles on every port (a throw-away CA in run_dir/pki);
     # False runs every service with AUTH=off.
     auth: bool = True
+    # Other addresses services are reached at (a worker in a network
+    # namespace), which their certificates must name besides `host`.
+    tls_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -144,7 +147,11 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     procs = ProcessGroup(options.run_dir / "logs")
     s3_port = options.s3_port or free_port()
     host = options.host
-    keys = await asyncio.to_thread(pki.local_mesh, options.run_dir / "pki", [host]) if options.auth else None
+    keys = (
+        await asyncio.to_thread(pki.local_mesh, options.run_dir / "pki", [host, *options.tls_hosts])
+        if options.auth
+        else None
+    )
     procs.credentials = keys.credentials("operator") if keys is not None else None
     s3 = options.external_s3 or S3Settings(
         f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local"

@@ -11,12 +11,22 @@ from pathlib import Path
 
 import pytest
 from cellmesh import meshconfig
-from cellmesh.cli import build_parser, main, resolve_addresses
+from cellmesh.cli import build_parser, main, resolve_addresses, resolve_credentials
 from cellmesh.client import DEFAULT_CATALOG, DEFAULT_REDUCER, ObjectStoreConfig
 
 from tests.conftest import free_port
 
-MESH_VARS = ("CELLMESH_CATALOG", "CELLMESH_REDUCER", "CELLMESH_CONFIG", *meshconfig.S3_ENV_NAMES)
+MESH_VARS = (
+    "CELLMESH_CATALOG",
+    "CELLMESH_REDUCER",
+    "CELLMESH_CONFIG",
+    "CELLMESH_CA",
+    "CELLMESH_CERT",
+    "CELLMESH_KEY",
+    "CELLMESH_TOKEN",
+    "CELLMESH_TOKEN_FILE",
+    *meshconfig.S3_ENV_NAMES,
+)
 
 
 def write_config(path: Path, **fields: object) -> Path:
@@ -75,6 +85,32 @@ def test_addresses_flag_then_environment_then_file_then_default(
         "flag-host:3",
         "",
     )
+
+
+def test_credentials_from_the_environment_else_the_file(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("ca", "op", "op-key", "mine", "mine-key"):
+        (tmp_path / name).write_bytes(name.encode())
+    assert resolve_credentials() is None  # no file, nothing set: plain text
+    write_config(clean_env, ca=str(tmp_path / "ca"), cert=str(tmp_path / "op"), key=str(tmp_path / "op-key"))
+    from_file = resolve_credentials()
+    assert from_file is not None and (from_file.ca, from_file.cert, from_file.key) == (
+        b"ca",
+        b"op",
+        b"op-key",
+    )
+    monkeypatch.setenv("CELLMESH_TOKEN", "cm_x")
+    with_token = resolve_credentials()
+    assert with_token is not None and with_token.token == "cm_x" and with_token.cert == b"op"
+    monkeypatch.setenv("CELLMESH_CA", str(tmp_path / "ca"))
+    monkeypatch.setenv("CELLMESH_CERT", str(tmp_path / "mine"))
+    monkeypatch.setenv("CELLMESH_KEY", str(tmp_path / "mine-key"))
+    from_env = resolve_credentials()
+    assert from_env is not None and (from_env.cert, from_env.token) == (b"mine", "cm_x")
+    monkeypatch.setenv("CELLMESH_CERT", str(tmp_path / "gone"))
+    with pytest.raises(meshconfig.MeshConfigError, match="cannot read .*gone"):
+        resolve_credentials()
 
 
 def test_object_store_from_the_file_unless_the_environment_names_one(

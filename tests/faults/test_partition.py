@@ -64,6 +64,7 @@ async def test_worker_cut_off_by_the_network_never_changes_registered_results(tm
             workers=0,
             amqp_url=rabbit.url,
             host=ns.host_addr,
+            tls_hosts=(ns.ns_addr,),
             extra_env={"SITE_LEASE_S": "30"},
         )
         mesh = await start_mesh(opts)
