@@ -3,6 +3,7 @@ file `cellmesh up` writes, then the defaults."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ from cellmesh import meshconfig
 from cellmesh.cli import build_parser, main, resolve_addresses, resolve_credentials
 from cellmesh.client import DEFAULT_CATALOG, DEFAULT_REDUCER, ObjectStoreConfig
 
+from services.common.server import GrpcServer
+from tests import pki as test_pki
 from tests.conftest import free_port
 
 MESH_VARS = (
@@ -177,3 +180,17 @@ def test_up_without_the_services_says_what_to_do() -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: FAILED_PRECONDITION: `cellmesh up` needs the cellmesh services")
     assert "make setup" in proc.stderr
+
+
+async def test_a_mesh_with_tls_called_without_credentials_says_what_to_set(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = GrpcServer([], "127.0.0.1", 0, 1, auth=test_pki.server_auth("catalog"))
+    port = await server.start()
+    try:
+        code = await asyncio.to_thread(main, ["--catalog", f"127.0.0.1:{port}", "plate", "list"])
+    finally:
+        await server.stop()
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: UNAVAILABLE:"), err
+    assert "set CELLMESH_CA, CELLMESH_CERT and CELLMESH_KEY" in err

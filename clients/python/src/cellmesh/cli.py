@@ -726,6 +726,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> None:
         await args.run(client, args, out)
 
 
+def _handshake_refused(message: str) -> bool:
+    words = ("handshake", "ssl", "tls", "certificate", "socket closed")
+    return any(w in message.lower() for w in words)
+
+
 def _error(code: grpc.StatusCode, message: str) -> int:
     print(f"error: {code.name}: {message}", file=sys.stderr)
     return 1
@@ -750,6 +755,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 exc.code,
                 f"{exc.message} (the address comes from {from_file}, written by `cellmesh up`:"
                 " is that mesh still running? `cellmesh status` says)",
+            )
+        if exc.code == grpc.StatusCode.UNAVAILABLE and _handshake_refused(exc.message):
+            return _error(
+                exc.code,
+                f"{exc.message} (a mesh with TLS closes connections without a client certificate of its CA:"
+                " set CELLMESH_CA, CELLMESH_CERT and CELLMESH_KEY; see `cellmesh --help`)",
             )
         return _error(exc.code, exc.message)
     except ValueError as exc:
