@@ -154,14 +154,15 @@ async def test_every_rpc_refuses_whoever_may_not_call_it_and_changes_nothing(tmp
     forged_cert, forged_key = forger.issue("operator", "forged-operator", ["127.0.0.1", "localhost"])
     ca = local.ca.read_bytes()
     try:
-        async with mesh.channel() as channel:
-            operator = catalog_pb2_grpc.CatalogServiceStub(channel)
+        # The plate is a scientist's own (a scientist requeues only their plates).
+        async with mesh.channel(role="scientist") as channel:
+            scientist = catalog_pb2_grpc.CatalogServiceStub(channel)
             sha = (
-                await operator.RegisterPipeline(
+                await scientist.RegisterPipeline(
                     catalog_pb2.RegisterPipelineRequest(name="nuclei", content=NUCLEI.read_bytes())
                 )
             ).pipeline.ref.sha256
-            await operator.CreatePlate(
+            await scientist.CreatePlate(
                 catalog_pb2.CreatePlateRequest(
                     name=PLATE,
                     channels=CHANNELS,
