@@ -14,7 +14,9 @@ certificate one of the user roles:
 An RPC missing from `RPC_ROLES` is refused to everyone
 (`tests/security/test_role_table.py` fails when a service has one). To add
 an RPC or a service, add its full name here with the roles that may call it.
-gRPC health is open to every caller; reflection to every authenticated one.
+gRPC health is open to every caller that passes TLS (a certificate of the
+mesh's CA); reflection to every such caller whose token, if it sends one, is
+known.
 """
 
 from __future__ import annotations
