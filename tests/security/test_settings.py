@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
 from services.common import pki
-from services.common.auth import MeshAuth, parse_tokens
+from services.common.auth import MeshAuth, Refusal, identify, parse_tokens
 from services.common.settings import SettingsError
 
 
@@ -54,3 +55,45 @@ def test_local_certificates_are_reused_and_remade_for_a_new_host(tmp_path: Path)
     assert "catalog" in names.get_values_for_type(x509.DNSName)
     units = cert.subject.get_attributes_for_oid(x509.oid.NameOID.ORGANIZATIONAL_UNIT_NAME)
     assert [u.value for u in units] == ["catalog"]
+
+
+def test_issuing_and_rotating_with_the_operators_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/operations.md's commands: a deployment's folder, a user's
+    certificate, a new token; removing a token's line revokes it."""
+    folder = tmp_path / "pki"
+    assert pki.main(["mesh", "--out", str(folder), "--host", "swarm-node.example.org"]) == 0
+    assert (
+        pki.main(
+            [
+                "cert",
+                "scientist",
+                "--name",
+                "alice",
+                "--ca-dir",
+                str(folder),
+                "--out",
+                str(tmp_path / "alice"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert pki.main(["token", "viewer", "--name", "bob", "--tokens-file", str(folder / "tokens")]) == 0
+    bob = capsys.readouterr().out.strip()
+    tokens = parse_tokens((folder / "tokens").read_text())
+
+    alice = identify(tokens, (), {"x509_pem_cert": [(tmp_path / "alice.pem").read_bytes()]})
+    assert (alice.role, alice.name, alice.via) == ("scientist", "alice", "certificate")
+    as_bob = identify(tokens, (("authorization", f"Bearer {bob}"),), {"x509_pem_cert": [b""]})
+    assert (as_bob.role, as_bob.name, as_bob.via) == ("viewer", "bob", "token")
+    catalog = x509.load_pem_x509_certificate((folder / "catalog.pem").read_bytes())
+    names = catalog.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"catalog", "localhost", "swarm-node.example.org"} <= set(names.get_values_for_type(x509.DNSName))
+
+    kept = [line for line in (folder / "tokens").read_text().splitlines() if not line.endswith(" bob")]
+    with pytest.raises(Refusal) as info:
+        identify(parse_tokens("\n".join(kept)), (("authorization", f"Bearer {bob}"),), {})
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "not one this mesh knows" in info.value.message
