@@ -23,12 +23,13 @@ import asyncio
 import hashlib
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
+from cellmesh.auth import aio_channel
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from sqlalchemy import update
@@ -41,7 +42,8 @@ from services.catalog.domain import ImageIn, Layout, PipelineInfo  # noqa: E402
 from services.catalog.models import SiteJobRow  # noqa: E402
 from services.catalog.servicer import CatalogServicer  # noqa: E402
 from services.catalog.store import CatalogStore  # noqa: E402
-from services.common import validate  # noqa: E402
+from services.common import pki, validate  # noqa: E402
+from services.common.auth import MeshAuth  # noqa: E402
 from services.common.s3 import ObjectStore  # noqa: E402
 from services.common.server import GrpcServer, Registration  # noqa: E402
 from services.common.settings import S3Settings  # noqa: E402
@@ -217,18 +219,24 @@ async def main() -> None:
             size=1,
         )
         servicer = CatalogServicer(store, ObjectStore(S3Settings(None, "unused", "us-east-1", "x", "x")))
+        # The catalog as the mesh runs it: TLS, certificates, roles checked on every call.
+        keys = pki.local_mesh(Path(tempfile.mkdtemp(prefix="bench-pki-")))
+        auth = MeshAuth.from_env(keys.service_env("catalog"))
         server = GrpcServer(
             [Registration(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, servicer, "catalog")],
             host="127.0.0.1",
             port=0,
             grace_seconds=1,
+            auth=auth,
         )
         port = await server.start()
         rows: list[tuple[str, ...]] = []
         measured: list[tuple[float, float, float, float]] = []
         try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
+            async with aio_channel(
+                f"127.0.0.1:{port}",
+                keys.credentials("operator"),
+                options=[("grpc.max_receive_message_length", 64 * 2**20)],
             ) as channel:
                 stub = catalog_pb2_grpc.CatalogServiceStub(channel)
                 shapes = (("SMALL", 8, 12, 1), ("LARGE", 32, 48, 16))

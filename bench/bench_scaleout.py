@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
@@ -85,7 +84,7 @@ async def run_mesh(workers: int, rows: int, columns: int, sites_per_well: int, s
     )
     mesh = await start_mesh(options)
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
             pipeline = await catalog.RegisterPipeline(
                 catalog_pb2.RegisterPipelineRequest(name="nuclei", content=PIPELINE.read_bytes())

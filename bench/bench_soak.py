@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from cellmesh import pages
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
@@ -46,7 +45,7 @@ async def soak(args: argparse.Namespace, kill_every: float) -> dict[str, float]:
     mesh = await start_mesh(opts)
     kills = 0
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
             pipeline = await catalog.RegisterPipeline(
                 catalog_pb2.RegisterPipelineRequest(

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 export CP_PYTHON=${CP_PYTHON:-$(cat var/cp_python)}
-for bench in bench_dispatch bench_catalog bench_list_sites bench_cp_modes bench_reduce bench_scaleout bench_soak; do
+for bench in bench_dispatch bench_catalog bench_list_sites bench_auth bench_cp_modes bench_reduce bench_scaleout bench_soak; do
   [ -f "bench/$bench.py" ] || continue
   echo "## $bench"
   $py "bench/$bench.py" "$@"

@@ -11,6 +11,13 @@
 # key id puts everything in its default account) and does not check the
 # secret.
 #
+# The mesh's certificates and tokens come from a folder made beforehand with
+#
+#   python -m services.common.pki mesh --out DIR [--host catalog.lab.example.org ...]
+#
+# (a CA, a certificate per service and user role, a token per user role):
+# set CELLMESH_PKI_DIR=DIR. Keep DIR's ca.key offline afterwards.
+#
 # Refuses to run if any of the secrets already exists: replacing only some of
 # them would leave a server and its clients with different passwords. See
 # docs/operations.md, "Rotating a password".
@@ -20,7 +27,20 @@ docker=${DOCKER:-docker}
 
 secrets="cellmesh_mariadb_root_password cellmesh_mariadb_password
 cellmesh_database_url cellmesh_rabbitmq_credentials cellmesh_amqp_url
-cellmesh_s3_access_key_id cellmesh_s3_secret_access_key"
+cellmesh_s3_access_key_id cellmesh_s3_secret_access_key
+cellmesh_tls_ca cellmesh_auth_tokens
+cellmesh_tls_catalog_cert cellmesh_tls_catalog_key
+cellmesh_tls_scheduler_cert cellmesh_tls_scheduler_key
+cellmesh_tls_cpworker_cert cellmesh_tls_cpworker_key
+cellmesh_tls_reducer_cert cellmesh_tls_reducer_key
+cellmesh_tls_autoscaler_cert cellmesh_tls_autoscaler_key"
+
+pki=${CELLMESH_PKI_DIR:-}
+if [ -z "$pki" ] || [ ! -f "$pki/ca.pem" ] || [ ! -f "$pki/tokens" ]; then
+    echo "create-secrets: set CELLMESH_PKI_DIR to a folder made by" >&2
+    echo "  python -m services.common.pki mesh --out DIR" >&2
+    exit 1
+fi
 
 existing=""
 for name in $secrets; do
@@ -58,3 +78,9 @@ printf 'default_user = cellmesh\ndefault_pass = %s\n' "$mq_pw" | create cellmesh
 printf '%s' "amqp://cellmesh:$mq_pw@rabbitmq:5672/%2F" | create cellmesh_amqp_url
 printf '%s' "$s3_key" | create cellmesh_s3_access_key_id
 printf '%s' "$s3_secret" | create cellmesh_s3_secret_access_key
+create cellmesh_tls_ca < "$pki/ca.pem"
+create cellmesh_auth_tokens < "$pki/tokens"
+for role in catalog scheduler cpworker reducer autoscaler; do
+    create "cellmesh_tls_${role}_cert" < "$pki/$role.pem"
+    create "cellmesh_tls_${role}_key" < "$pki/$role.key"
+done

@@ -30,7 +30,7 @@ def run(argv: list[str]) -> int:
             logs.configure(values["LOG_LEVEL"], "catalog")
             asyncio.run(migrate.upgrade(values["DATABASE_URL"]))
             return 0
-        settings = app.CatalogSettings.from_env()
+        settings = app.CatalogSettings.from_env(serving=args.command == "serve")
     except SettingsError as exc:
         sys.stderr.write(f"catalog: {exc}\n")
         return 2

@@ -15,6 +15,7 @@ from services.catalog.lifecycle import Policy
 from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.sweep import sweep_periodically, sweep_results
+from services.common.auth import MeshAuth
 from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
 from services.common.settings import (
@@ -121,9 +122,12 @@ class CatalogSettings:
     migrate_on_start: bool = True
     sweep_interval_seconds: float = 3600.0
     sweep_grace_seconds: float = 86400.0
+    # TLS and roles (services/common/auth.py); None serves plain text (AUTH=off).
+    auth: MeshAuth | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> CatalogSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None, serving: bool = True) -> CatalogSettings:
+        """`serving` False (the sweep command) neither needs nor reads the TLS settings."""
         v = load(CATALOG_VARS, env)
         return cls(
             database_url=v["DATABASE_URL"],
@@ -151,6 +155,7 @@ class CatalogSettings:
             migrate_on_start=v["CATALOG_MIGRATE_ON_START"],
             sweep_interval_seconds=v["SWEEP_INTERVAL_S"],
             sweep_grace_seconds=v["SWEEP_GRACE_S"],
+            auth=MeshAuth.from_settings(v) if serving else None,
         )
 
 
@@ -169,6 +174,7 @@ async def serve(
                 host=settings.grpc_host,
                 port=settings.grpc_port,
                 grace_seconds=settings.grace_seconds,
+                auth=settings.auth,
             )
             bound = await server.start()
             if on_started is not None:

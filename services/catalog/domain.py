@@ -30,6 +30,10 @@ class FailedPrecondition(CatalogError):
     pass
 
 
+class PermissionDenied(CatalogError):
+    """The caller's role may call the RPC, but not on this object."""
+
+
 class Unavailable(CatalogError):
     """The database does not answer; the call may be retried."""
 
@@ -144,6 +148,8 @@ class PlateInfo:
     reduce_with_failures: bool
     created_at: datetime
     image_count: int
+    # Who created the plate ("" when not known).
+    created_by: str = ""
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ class PlateRow(Base):
     reduce_with_failures: Mapped[bool] = mapped_column(Boolean, default=False)
     image_count: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime]
+    # Who created it (the caller's token or certificate name; None before
+    # migration 0009 or with AUTH=off): a scientist may requeue only their own.
+    created_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class RunRow(Base):

@@ -22,7 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.catalog import domain as d
 from services.catalog.store import CatalogStore
-from services.common import cppipe, validate
+from services.common import auth, cppipe, roles, validate
 from services.common.s3 import (
     ChecksumMismatch,
     ObjectMissing,
@@ -51,6 +51,7 @@ _CODES: dict[type[d.CatalogError], grpc.StatusCode] = {
     d.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     d.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     d.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    d.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -307,6 +308,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 layout,
                 request.pipeline_sha256,
                 request.reduce_with_failures,
+                created_by=caller.name if (caller := auth.current_caller()) is not None else "",
             )
             return catalog_pb2.CreatePlateResponse(plate=_plate(plate))
 
@@ -512,6 +514,10 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 request.pipeline_sha256,
                 [(s.well, s.site) for s in request.sites],
                 reduce=request.reduce,
+                # A scientist requeues only their own plates (services/common/roles.py).
+                owner=caller.name
+                if (caller := auth.current_caller()) and caller.role in roles.OWN_PLATES_ONLY
+                else None,
             )
             return catalog_pb2.RequeueSitesResponse(requeued=count)
 

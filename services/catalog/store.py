@@ -62,6 +62,7 @@ from services.catalog.domain import (
     MissingSite,
     NotFound,
     Outcome,
+    PermissionDenied,
     PipelineInfo,
     PlateInfo,
     Progress,
@@ -357,6 +358,7 @@ class CatalogStore:
         layout: Layout | None,
         pipeline_sha256: str,
         reduce_with_failures: bool,
+        created_by: str = "",
     ) -> PlateInfo:
         _check(validate.check_plate_name, name)
         channels = _check_channels(channels)
@@ -391,6 +393,7 @@ class CatalogStore:
                 reduce_with_failures=reduce_with_failures,
                 image_count=0,
                 created_at=now,
+                created_by=created_by[:200] or None,
             )
             session.add(plate)
             await session.flush()
@@ -1622,12 +1625,14 @@ class CatalogStore:
         pipeline_sha256: str = "",
         sites: Sequence[tuple[str, int]] = (),
         reduce: bool = False,
+        owner: str | None = None,
     ) -> int:
         """Puts the given sites' jobs (default: every FAILED job) back to READY,
         keeping their attempt so that tasks already out are skipped as stale.
         A named site that is running is taken from its worker the same way.
         With `reduce`, a failed reduce is issued again too (and, with no
-        sites named, only that)."""
+        sites named, only that). With `owner`, only a plate `owner` created
+        (PermissionDenied otherwise)."""
         keys = []
         for well, site in sites:
             keys.append((*_check(validate.parse_well, well), _check(validate.check_site, site)))
@@ -1636,6 +1641,11 @@ class CatalogStore:
             plate, run, pipeline = await self._resolve_run(
                 session, plate_name, pipeline_sha256, lock_plate=True
             )
+            if owner is not None and plate.created_by != owner:
+                raise PermissionDenied(
+                    f"plate {plate.name!r} was created by {plate.created_by or 'someone not recorded'},"
+                    f" not {owner}: a scientist may requeue only their own plates; ask an operator"
+                )
             if reduce:
                 if pipeline.scope == int(Scope.PLATE):
                     raise FailedPrecondition(
@@ -2403,6 +2413,7 @@ def _plate_info(plate: PlateRow, pipelines: list[str]) -> PlateInfo:
         reduce_with_failures=plate.reduce_with_failures,
         created_at=plate.created_at,
         image_count=plate.image_count,
+        created_by=plate.created_by or "",
     )
 
 

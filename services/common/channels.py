@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Mapping
+from typing import Any
 
+import grpc
+from cellmesh.auth import aio_channel
+
+from services.common.auth import MeshAuth
 from services.common.server import MAX_MESSAGE_BYTES
 
 CHANNEL_OPTIONS = [
@@ -18,5 +23,12 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, auth: MeshAuth | None) -> grpc.aio.Channel:
+    """A channel to another service, presenting this service's certificate
+    (plain text when `auth` is None: AUTH=off)."""
+    return aio_channel(address, auth.client() if auth is not None else None, CHANNEL_OPTIONS)
+
+
+def service_channel(address: str, settings: Mapping[str, Any]) -> grpc.aio.Channel:
+    """`channel` with this service's credentials from its loaded settings (COMMON_VARS)."""
+    return channel(address, MeshAuth.from_settings(settings))

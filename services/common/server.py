@@ -1,7 +1,8 @@
 """gRPC server bootstrap shared by every service.
 
 Registers the standard health service and server reflection beside the
-service's own servicers, and stops in order: health goes NOT_SERVING, new RPCs
+service's own servicers, serves TLS with client certificates and checks
+every call's role (services/common/auth.py) unless AUTH=off, and stops in order: health goes NOT_SERVING, new RPCs
 are refused, in-flight RPCs get a grace period to finish.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common.auth import MeshAuth
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,12 @@ class GrpcServer:
         host: str = "0.0.0.0",
         port: int = 0,
         grace_seconds: float = 20.0,
+        *,
+        auth: MeshAuth | None,
     ) -> None:
+        """`auth` None serves plain text with no checks (AUTH=off)."""
         self._registrations = list(registrations)
+        self._auth = auth
         self._address = f"{host}:{port}"
         self._grace = grace_seconds
         self._server = grpc.aio.server(
@@ -53,7 +60,8 @@ class GrpcServer:
                 # Accept the clients' keepalive pings (services/common/channels.py).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
-            ]
+            ],
+            interceptors=[auth.interceptor()] if auth is not None else None,
         )
         self._health = health.aio.HealthServicer()
         self.port = 0
@@ -74,7 +82,10 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(self._address)
+        if self._auth is None:
+            self.port = self._server.add_insecure_port(self._address)
+        else:
+            self.port = self._server.add_secure_port(self._address, self._auth.server_credentials())
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC server to {self._address}")
         await self._server.start()
@@ -109,13 +120,14 @@ def service_server(
 ) -> GrpcServer:
     """A server for one service of a generated `*_pb2` module (its
     DESCRIPTOR), bound by the common settings GRPC_HOST, GRPC_PORT and
-    GRACE_SECONDS."""
+    GRACE_SECONDS, secured by AUTH, TLS_* and AUTH_TOKENS."""
     name = file_descriptor.services_by_name[service].full_name
     return GrpcServer(
         [Registration(add, servicer, name)],
         settings["GRPC_HOST"],
         settings["GRPC_PORT"],
         settings["GRACE_SECONDS"],
+        auth=MeshAuth.from_settings(settings),
     )
 
 

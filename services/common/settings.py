@@ -120,7 +120,17 @@ S3_VARS = (
     Var("AWS_SECRET_ACCESS_KEY", help="object store secret key"),
 )
 
+#: Authentication (services/common/auth.py reads them).
+AUTH_VARS = (
+    Var("AUTH", "on", help="on (TLS, certificates, roles) or off"),
+    Var("TLS_CA", "", help="the mesh CA's certificate (PEM)"),
+    Var("TLS_CERT", "", help="this service's certificate (PEM)"),
+    Var("TLS_KEY", "", help="this service's private key (PEM)"),
+    Var("AUTH_TOKENS", "", help="the users' tokens: `role sha256 name` lines"),
+)
+
 COMMON_VARS = (
+    *AUTH_VARS,
     Var("LOG_LEVEL", "INFO"),
     Var("GRPC_HOST", "0.0.0.0"),
     Var("GRACE_SECONDS", "20", positive_float, "seconds in-flight RPCs get to finish on SIGTERM"),

@@ -121,7 +121,7 @@ async def main(v: dict[str, Any]) -> None:
     work = Path(v["WORK_DIR"])
     runners = make_runners(v)
     async with (
-        channels.insecure_channel(v["CATALOG_ADDR"]) as channel,
+        channels.service_channel(v["CATALOG_ADDR"], v) as channel,
         ObjectStore(S3Settings.from_env()) as store,
     ):
         consumer = SiteConsumer(

@@ -84,6 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     demo.add_argument(
         "--web-port", type=int, default=0, metavar="P", help="the web page's port (default: a free one)"
     )
+    demo.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run every service with AUTH=off: plain text, no certificates, no roles (default: TLS and roles,"
+        " with a throw-away CA made for the mesh)",
+    )
 
     state_help = "where the mesh keeps its catalog, logs and pids (default: $CELLMESH_STATE_DIR, else %s)"
     config_help = "the file the cellmesh command reads to find the mesh (default: $CELLMESH_CONFIG, else %s)"
@@ -140,6 +146,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     up.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
     up.add_argument(
         "--web-port", type=int, default=0, metavar="P", help="the web page's port (default: a free one)"
+    )
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run every service with AUTH=off: plain text, no certificates, no roles (default: TLS and roles,"
+        " with a throw-away CA made for the mesh)",
     )
     up.add_argument(
         "--startup-timeout",
@@ -216,6 +228,7 @@ def main_local(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         autoscale=args.autoscale,
         web_port=args.web_port,
+        auth=not args.no_auth,
     )
     if args.autoscale is not None:
         try:  # the settings the supervisor will read, checked before it starts
@@ -253,6 +266,7 @@ def main(argv: list[str]) -> int:
         amqp_url=args.amqp_url,
         shared_data=Path(os.environ.get("CELLMESH_SHARED_DATA", REPO.parent / "shared" / "data")),
         web_port=args.web_port,
+        auth=not args.no_auth,
     )
     if args.autoscale is not None:
         low, high = args.autoscale

@@ -319,9 +319,12 @@ class LocalBackend:
 
     async def status(self, proc: Any) -> worker_pb2.GetWorkerStatusResponse | None:
         try:
-            async with grpc.aio.insecure_channel(proc.grpc_addr) as channel:
-                stub = worker_pb2_grpc.WorkerServiceStub(channel)
-                return await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
+            async with self.mesh.channel(proc.grpc_addr) as channel:
+                stub: worker_pb2_grpc.WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
+                reply: worker_pb2.GetWorkerStatusResponse = await stub.GetWorkerStatus(
+                    worker_pb2.GetWorkerStatusRequest(), timeout=5
+                )
+                return reply
         except grpc.aio.AioRpcError:
             return None
 
@@ -428,10 +431,13 @@ async def main_swarm(v: dict[str, Any]) -> None:
 
     stop = stop_event_on_signals()
     settings = AutoscaleSettings.from_values(v)
-    server = GrpcServer([], v["GRPC_HOST"], v["GRPC_PORT"], v["GRACE_SECONDS"])
+    from services.common.auth import MeshAuth
+
+    auth = MeshAuth.from_settings(v)
+    server = GrpcServer([], v["GRPC_HOST"], v["GRPC_PORT"], v["GRACE_SECONDS"], auth=auth)
     await server.start()
     try:
-        async with channels.insecure_channel(v["CATALOG_ADDR"]) as channel:
+        async with channels.channel(v["CATALOG_ADDR"], auth) as channel:
             backlog = CatalogBacklog(catalog_pb2_grpc.CatalogServiceStub(channel))
             scaler: Autoscaler | None = None
             while scaler is None and not stop.is_set():

@@ -18,10 +18,11 @@ from typing import Any
 
 import grpc
 from cellmesh import pages
+from cellmesh.auth import Credentials, aio_channel
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
-from services.common import synth
+from services.common import pki, synth
 from services.common.amqp import AmqpConnection, BrokerUnavailable, Topology
 from services.common.s3 import ObjectMissing, ObjectStore, ObjectStoreError
 from services.common.settings import S3Settings
@@ -92,6 +93,12 @@ class DemoOptions:
     # Start the web page (services/web) too; its HTTP port (0: a free one).
     web: bool = True
     web_port: int = 0
+    # TLS, certificates and roles on every port (a throw-away CA in run_dir/pki);
+    # False runs every service with AUTH=off.
+    auth: bool = True
+    # Other addresses services are reached at (a worker in a network
+    # namespace), which their certificates must name besides `host`.
+    tls_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -107,6 +114,23 @@ class Mesh:
     host: str = "127.0.0.1"
     # The web page (services/web), e.g. http://127.0.0.1:8123/; "" without one.
     web_url: str = ""
+    # The mesh's certificates and tokens (None: AUTH=off).
+    pki: pki.LocalPki | None = None
+
+    def credentials(self, role: str = "operator", token: bool = False) -> Credentials | None:
+        """A user's or service's credentials: `role`'s certificate, or with
+        `token` a role-less certificate and `role`'s token."""
+        if self.pki is None:
+            return None
+        return self.pki.credentials(role, token)
+
+    def service_env(self, role: str) -> dict[str, str]:
+        """The TLS_*_FILE and AUTH_TOKENS_FILE variables of a service of `role`."""
+        return self.pki.service_env(role) if self.pki is not None else {}
+
+    def channel(self, address: str | None = None, role: str = "operator") -> grpc.aio.Channel:
+        """A channel to `address` (the catalog by default) as `role`."""
+        return aio_channel(address or self.catalog_addr, self.credentials(role))
 
 
 def _amqp_host_port(url: str) -> tuple[str, int]:
@@ -128,6 +152,12 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
     procs = ProcessGroup(options.run_dir / "logs")
     s3_port = options.s3_port or free_port()
     host = options.host
+    keys = (
+        await asyncio.to_thread(pki.local_mesh, options.run_dir / "pki", [host, *options.tls_hosts])
+        if options.auth
+        else None
+    )
+    procs.credentials = keys.credentials("operator") if keys is not None else None
     s3 = options.external_s3 or S3Settings(
         f"http://{host}:{s3_port}", "cellmesh", "us-east-1", "cellmesh", "cellmesh-local"
     )
@@ -143,9 +173,10 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         "AMQP_URL": options.amqp_url,
         "QUEUE_PREFIX": topology.prefix,
         "GRPC_HOST": host,
+        "AUTH": "on" if keys is not None else "off",
         **options.extra_env,
     }
-    mesh = Mesh(procs, "", "", s3, topology, env, host)
+    mesh = Mesh(procs, "", "", s3, topology, env, host, pki=keys)
     try:
         if options.external_s3 is None:
             s3_proc = procs.start(
@@ -170,7 +201,12 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         catalog = procs.start(
             "catalog",
             "services.catalog",
-            {**env, "DATABASE_URL": database_url, "GRPC_PORT": str(catalog_port)},
+            {
+                **env,
+                **mesh.service_env("catalog"),
+                "DATABASE_URL": database_url,
+                "GRPC_PORT": str(catalog_port),
+            },
             catalog_port,
             host=host,
         )
@@ -182,7 +218,12 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
             procs.start(
                 "scheduler",
                 "services.scheduler",
-                {**with_catalog, "GRPC_PORT": str(scheduler_port), "POLL_INTERVAL_S": "0.3"},
+                {
+                    **with_catalog,
+                    **mesh.service_env("scheduler"),
+                    "GRPC_PORT": str(scheduler_port),
+                    "POLL_INTERVAL_S": "0.3",
+                },
                 scheduler_port,
                 host=host,
             )
@@ -193,7 +234,7 @@ async def start_mesh(options: DemoOptions, workers: int | None = None) -> Mesh:
         reducer = procs.start(
             "reducer",
             "services.reducer",
-            {**with_catalog, "GRPC_PORT": str(reducer_port)},
+            {**with_catalog, **mesh.service_env("reducer"), "GRPC_PORT": str(reducer_port)},
             reducer_port,
             host=host,
         )
@@ -215,6 +256,7 @@ async def start_web(mesh: Mesh, options: DemoOptions) -> Proc:
         "services.web",
         {
             **mesh.env,
+            **mesh.service_env("web"),
             "CATALOG_ADDR": mesh.catalog_addr,
             "REDUCER_ADDR": mesh.reducer_addr,
             "GRPC_PORT": str(grpc_port),
@@ -246,6 +288,7 @@ async def start_worker(
         "services.cpworker",
         {
             **mesh.env,
+            **mesh.service_env("cpworker"),
             "CATALOG_ADDR": mesh.catalog_addr,
             "GRPC_PORT": str(port),
             "CP_PYTHON": options.cp_python,
@@ -338,7 +381,7 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
         )
         if mesh.web_url:
             print(f"web page: {mesh.web_url}", file=sys.stderr)
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
             if scaling is not None:
                 scaler = Autoscaler(scaling, backend, CatalogBacklog(catalog))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cellmesh.auth import Credentials, aio_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ class Proc:
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
     grpc_addr: str = ""
+    # The operator's credentials of the mesh it belongs to (None: AUTH=off).
+    credentials: Credentials | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel to its gRPC server, as the mesh's operator."""
+        return aio_channel(self.grpc_addr, self.credentials)
 
     @property
     def alive(self) -> bool:
@@ -80,6 +87,8 @@ class ProcessGroup:
     log_dir: Path
     base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     procs: list[Proc] = field(default_factory=list)
+    # What the health checks connect with (None: the mesh runs with AUTH=off).
+    credentials: Credentials | None = None
 
     def start(
         self,
@@ -95,7 +104,9 @@ class ProcessGroup:
         exec NS`, which must exec the command in place) whose gRPC server
         listens on host:grpc_port."""
         argv = [*launcher, sys.executable, "-m", module, *args]
-        proc = Proc(name, argv, {**self.base_env, **env}, self.log_dir / f"{name}.log")
+        proc = Proc(
+            name, argv, {**self.base_env, **env}, self.log_dir / f"{name}.log", credentials=self.credentials
+        )
         if grpc_port is not None:
             proc.grpc_addr = f"{host}:{grpc_port}"
         proc.start()
@@ -104,7 +115,7 @@ class ProcessGroup:
 
     async def wait_healthy(self, proc: Proc, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(proc.grpc_addr) as channel:
+        async with aio_channel(proc.grpc_addr, self.credentials) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not proc.alive:

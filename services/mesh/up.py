@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 from cellmesh.meshconfig import MeshConfig, config_path
 
@@ -87,6 +86,8 @@ class UpOptions:
     autoscale: tuple[int, int] | None = None
     # The web page's HTTP port (0: a free one).
     web_port: int = 0
+    # TLS and roles with a throw-away CA in STATE_DIR/pki; False: AUTH=off.
+    auth: bool = True
 
 
 def work_dir(state_dir: Path) -> Path:
@@ -261,6 +262,7 @@ async def supervise(options: UpOptions) -> int:
         work_dir=work_dir(state_dir),
         prepare_store=(lambda store: _restore(store, state_dir)) if options.s3 is None else None,
         web_port=options.web_port,
+        auth=options.auth,
     )
     starting = asyncio.create_task(start_mesh(demo))
     stopping = asyncio.create_task(stop.wait())
@@ -296,6 +298,7 @@ async def supervise(options: UpOptions) -> int:
             s3=_client_s3(mesh.s3),
             state_dir=str(state_dir),
             pid=os.getpid(),
+            **_client_tls(mesh),
         ).write()
         _write_json(state_dir / RUNNING_FILE, running)
         log.info("mesh up: catalog %s, reducer %s", mesh.catalog_addr, mesh.reducer_addr)
@@ -309,7 +312,7 @@ async def supervise(options: UpOptions) -> int:
                 running["processes"] = _processes(mesh)
                 _write_json(state_dir / RUNNING_FILE, running)
 
-            async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel:
+            async with mesh.channel(role="autoscaler") as channel:
                 scaler = Autoscaler(
                     scaling, backend, CatalogBacklog(catalog_pb2_grpc.CatalogServiceStub(channel))
                 )
@@ -390,6 +393,17 @@ def _client_s3(s3: S3Settings) -> dict[str, str]:
     }
 
 
+def _client_tls(mesh: Mesh) -> dict[str, str]:
+    """The user's (the operator's) certificate, as the client's file gives it."""
+    if mesh.pki is None:
+        return {}
+    return {
+        "ca": str(mesh.pki.ca),
+        "cert": str(mesh.pki.cert("operator")),
+        "key": str(mesh.pki.key("operator")),
+    }
+
+
 def _describe(mesh: Mesh, options: UpOptions) -> dict[str, Any]:
     database = options.database_url or f"sqlite+aiosqlite:///{options.state_dir / 'catalog.db'}"
     return {
@@ -407,6 +421,7 @@ def _describe(mesh: Mesh, options: UpOptions) -> dict[str, Any]:
         if options.autoscale is None
         else f"{options.autoscale[0]} to {options.autoscale[1]}, autoscaled",
         "processes": _processes(mesh),
+        "tls": {**_client_tls(mesh), "folder": str(mesh.pki.folder)} if mesh.pki is not None else {},
     }
 
 
@@ -485,6 +500,14 @@ def banner(running: dict[str, Any]) -> str:
         f" S3_REGION={s3.get('region')}",
         f"  export AWS_ACCESS_KEY_ID={s3.get('access_key_id')} AWS_SECRET_ACCESS_KEY="
         + (str(s3.get("secret_access_key")) if builtin else "<the store's secret key>"),
+        *(
+            [
+                f"  export CELLMESH_CA={tls['ca']} CELLMESH_CERT={tls['cert']} CELLMESH_KEY={tls['key']}",
+                f"  (certificates and tokens of every role: {tls['folder']})",
+            ]
+            if (tls := running.get("tls"))
+            else []
+        ),
         "stop it with: cellmesh down" + _state_flag(running),
     ]
     return "\n".join(lines)
@@ -574,6 +597,8 @@ def _start_detached(options: UpOptions) -> int:
         argv += ["--autoscale", f"{options.autoscale[0]}:{options.autoscale[1]}"]
     if options.web_port:
         argv += ["--web-port", str(options.web_port)]
+    if not options.auth:
+        argv.append("--no-auth")
     if options.s3 is not None:
         argv += ["--s3-endpoint", options.s3.endpoint_url or "", "--s3-bucket", options.s3.bucket]
         argv += ["--s3-region", options.s3.region]

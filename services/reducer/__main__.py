@@ -50,7 +50,7 @@ VARS = (
 async def main(v: dict[str, Any]) -> None:
     stop = stop_event_on_signals()
     async with (
-        channels.insecure_channel(v["CATALOG_ADDR"]) as channel,
+        channels.service_channel(v["CATALOG_ADDR"], v) as channel,
         ObjectStore(S3Settings.from_env()) as store,
     ):
         reducer = Reducer(

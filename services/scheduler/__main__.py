@@ -54,7 +54,7 @@ class Settings:
 async def main(settings: Settings) -> None:
     v = settings.values
     stop = stop_event_on_signals()
-    async with channels.insecure_channel(v["CATALOG_ADDR"]) as channel:
+    async with channels.service_channel(v["CATALOG_ADDR"], v) as channel:
         scheduler = Scheduler(
             catalog_pb2_grpc.CatalogServiceStub(channel),
             v["AMQP_URL"],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import botocore.session
@@ -34,6 +36,25 @@ def presigner(settings: WebSettings) -> Any:
     )
 
 
+def uploader(settings: WebSettings) -> Callable[[str], CellmeshClient] | None:
+    """With AUTH=on, uploads register images as the user whose token came with
+    them (over the web service's certificate, which may only read): a client
+    per upload. None with AUTH=off: the page's own client registers them."""
+    auth = settings.auth
+    if auth is None:
+        return None
+
+    def client_for(token: str) -> CellmeshClient:
+        return CellmeshClient(
+            settings.catalog_addr,
+            None,
+            timeout=settings.call_timeout,
+            credentials=dataclasses.replace(auth.client(), token=token),
+        )
+
+    return client_for
+
+
 async def main(settings: WebSettings) -> None:
     stop = stop_event_on_signals()
     store_config = ObjectStoreConfig(
@@ -47,10 +68,14 @@ async def main(settings: WebSettings) -> None:
         settings.catalog_addr,
         settings.reducer_addr or None,
         timeout=settings.call_timeout,
-        channel=channels.insecure_channel(settings.catalog_addr),
-        reducer_channel=channels.insecure_channel(settings.reducer_addr) if settings.reducer_addr else None,
+        channel=channels.channel(settings.catalog_addr, settings.auth),
+        reducer_channel=channels.channel(settings.reducer_addr, settings.auth)
+        if settings.reducer_addr
+        else None,
     )
-    health = GrpcServer([], settings.grpc_host, settings.grpc_port, settings.grace_seconds)
+    health = GrpcServer(
+        [], settings.grpc_host, settings.grpc_port, settings.grace_seconds, auth=settings.auth
+    )
     async with client, ObjectStore(store_config) as store:
         reader = MeshReader(
             client,
@@ -59,6 +84,7 @@ async def main(settings: WebSettings) -> None:
             settings.cache_dir,
             thumbnail_px=settings.thumbnail_px,
             presign_seconds=settings.presign_seconds,
+            uploader=uploader(settings),
         )
         runner = web.AppRunner(
             make_app(reader, settings.max_upload_bytes),

@@ -133,7 +133,8 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 
 async def upload(request: web.Request) -> web.Response:
-    """A multipart form: `pattern`, `channel_map`, `site` and the files."""
+    """A multipart form: `pattern`, `channel_map`, `site`, `token` (or an
+    `Authorization: Bearer` header; needed with AUTH=on) and the files."""
     plate_name = _plate(request)
     if not request.content_type.startswith("multipart/"):
         raise CellmeshError(grpc.StatusCode.INVALID_ARGUMENT, "send the files as multipart/form-data")
@@ -156,8 +157,12 @@ async def upload(request: web.Request) -> web.Response:
             grpc.StatusCode.INVALID_ARGUMENT,
             "give the file name pattern, e.g. _(?P<Well>[A-P]\\d{2})f(?P<Site>\\d{2})d(?P<Channel>\\d)",
         )
+    token = fields.get("token", "").strip()
+    header = request.headers.get("Authorization", "")
+    if not token and header.lower().startswith("bearer "):
+        token = header[7:].strip()
     result = await request.app[READER].upload(
-        plate_name, files, fields["pattern"], fields.get("channel_map", ""), int(site_text)
+        plate_name, files, fields["pattern"], fields.get("channel_map", ""), int(site_text), token
     )
     return web.json_response(dataclasses.asdict(result))
 

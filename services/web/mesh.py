@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,8 +165,12 @@ class MeshReader:
         *,
         thumbnail_px: int = 256,
         presign_seconds: int = 3600,
+        uploader: Callable[[str], CellmeshClient] | None = None,
     ) -> None:
         self.client = client
+        # With AUTH=on: a client that calls as the user whose token it gets
+        # (uploads register images in the user's name, never the page's).
+        self._uploader = uploader
         self.store = store
         self._presigner = presigner
         self.cache_dir = cache_dir
@@ -436,19 +440,40 @@ class MeshReader:
         pattern: str,
         channel_map: str,
         site: int,
+        token: str = "",
     ) -> UploadResult:
         """Registers a small plate's images the way `cellmesh ingest` does:
         the files land in a folder of their own, then the client's Ingester
-        reads their names, uploads and registers them."""
+        reads their names, uploads and registers them; with AUTH=on as the
+        user whose `token` came with them."""
         if not files:
             raise CellmeshError(grpc.StatusCode.INVALID_ARGUMENT, "no files in the upload: drop image files")
+        if self._uploader is None:
+            return await self._upload(self.client, plate_name, files, pattern, channel_map, site)
+        if not token:
+            raise CellmeshError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "an upload registers images in your name: give your token (a scientist's or an operator's)",
+            )
+        async with self._uploader(token) as client:
+            return await self._upload(client, plate_name, files, pattern, channel_map, site)
+
+    async def _upload(
+        self,
+        client: CellmeshClient,
+        plate_name: str,
+        files: list[tuple[str, bytes]],
+        pattern: str,
+        channel_map: str,
+        site: int,
+    ) -> UploadResult:
         try:
             parser = FileNameParser(
                 pattern, plate=plate_name, site=site, channel_map=parse_channel_map(channel_map)
             )
         except ValueError as exc:
             raise CellmeshError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        await self.client.get_plate(plate_name)  # NOT_FOUND before anything is written
+        await client.get_plate(plate_name)  # NOT_FOUND (or who may not) before anything is written
         folder = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="upload-", dir=self._upload_root()))
         try:
             seen: set[str] = set()
@@ -465,7 +490,7 @@ class MeshReader:
                     )
                 seen.add(base)
                 await asyncio.to_thread((folder / base).write_bytes, data)
-            ingester = Ingester(self.client, self.store, parser, progress=False)
+            ingester = Ingester(client, self.store, parser, progress=False)
             summary = await ingester.run_once(folder)
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)

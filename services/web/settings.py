@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.auth import MeshAuth
 from services.common.settings import (
     COMMON_VARS,
     S3_VARS,
@@ -58,6 +59,8 @@ class WebSettings:
     cache_dir: Path
     max_upload_bytes: int
     call_timeout: float
+    # The web service's certificate (role `web`: reads), None with AUTH=off.
+    auth: MeshAuth | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WebSettings:
@@ -78,5 +81,6 @@ class WebSettings:
             thumbnail_px=v["THUMBNAIL_PX"],
             cache_dir=Path(v["CACHE_DIR"]),
             max_upload_bytes=v["MAX_UPLOAD_MB"] * 1024 * 1024,
+            auth=MeshAuth.from_settings(v),
             call_timeout=v["CALL_TIMEOUT_S"],
         )

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2_grpc
 
@@ -17,6 +16,7 @@ from services.catalog.store import CatalogStore
 from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration
 from services.common.settings import S3Settings
+from tests import pki as test_pki
 
 if TYPE_CHECKING:
     from cellmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
@@ -51,12 +51,13 @@ async def catalog(database_url: str, s3_settings: S3Settings) -> AsyncIterator[C
                 host="127.0.0.1",
                 port=0,
                 grace_seconds=2,
+                auth=test_pki.server_auth("catalog"),
             )
             port = await server.start()
             await server.set_serving(True)
             address = f"127.0.0.1:{port}"
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with test_pki.channel(address) as channel:
                     yield Catalog(
                         catalog_pb2_grpc.CatalogServiceStub(channel),
                         store,

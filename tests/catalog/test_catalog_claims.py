@@ -9,6 +9,7 @@ import grpc
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 
+from tests import pki as test_pki
 from tests.catalog.conftest import Catalog
 from tests.catalog.kit import claim_all, image, new_plate, ready_sites, refused, sha, site_images, wells
 
@@ -76,7 +77,7 @@ async def test_claims_are_oldest_first_and_bounded(catalog: Catalog) -> None:
 async def test_two_schedulers_never_get_the_same_site(catalog: Catalog) -> None:
     await new_plate(catalog.stub, "P1")
     await ready_sites(catalog.stub, "P1", 200)
-    channels = [grpc.aio.insecure_channel(catalog.address) for _ in range(2)]
+    channels = [test_pki.channel(catalog.address, "scheduler") for _ in range(2)]
     stubs = [catalog_pb2_grpc.CatalogServiceStub(c) for c in channels]
 
     async def scheduler(n: int) -> list[int]:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.catalog import migrate
 from services.common.settings import S3Settings
+from tests import pki as test_pki
 from tests.catalog.conftest import Catalog
 from tests.conftest import REPO, free_port
 
@@ -27,7 +28,7 @@ SERVICE = "cellmesh.catalog.v1.CatalogService"
 
 
 async def health(address: str, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with test_pki.channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=2
         )
@@ -36,7 +37,7 @@ async def health(address: str, service: str = "") -> int:
 
 async def test_health_and_reflection_list_the_service(catalog: Catalog) -> None:
     assert await health(catalog.address, SERVICE) == health_pb2.HealthCheckResponse.SERVING
-    async with grpc.aio.insecure_channel(catalog.address) as channel:
+    async with test_pki.channel(catalog.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = [s.name async for reply in call for s in reply.list_services_response.service]
@@ -44,7 +45,11 @@ async def test_health_and_reflection_list_the_service(catalog: Catalog) -> None:
 
 
 def environment(database_url: str, s3: S3Settings, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "DATABASE_URL", "GRPC_", "AWS_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("S3_", "DATABASE_URL", "GRPC_", "AWS_", "TLS_", "AUTH"))
+    }
     env.update(
         DATABASE_URL=database_url,
         GRPC_HOST="127.0.0.1",
@@ -55,6 +60,7 @@ def environment(database_url: str, s3: S3Settings, port: int, **extra: str) -> d
         AWS_ACCESS_KEY_ID=s3.access_key,
         AWS_SECRET_ACCESS_KEY=s3.secret_key,
         GRACE_SECONDS="3",
+        **test_pki.service_env("catalog"),
         **extra,
     )
     return env
@@ -110,7 +116,7 @@ async def test_migrate_then_serve_then_stop(
     processes.append(proc)
     address = f"127.0.0.1:{port}"
     await wait_for(address, health_pb2.HealthCheckResponse.SERVING)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with test_pki.channel(address) as channel:
         stub = catalog_pb2_grpc.CatalogServiceStub(channel)
         assert (await stub.ListPlates(catalog_pb2.ListPlatesRequest())).plates == []
     proc.send_signal(signal.SIGTERM)

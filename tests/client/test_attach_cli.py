@@ -13,6 +13,7 @@ from cellmesh.client import CellmeshClient, ObjectStore, ObjectStoreConfig
 
 from services.common.s3 import sha256_bytes
 from services.common.settings import S3Settings
+from tests import pki as test_pki
 from tests.catalog.kit import pipeline
 from tests.client.test_real_catalog import catalog_address  # noqa: F401  (the fixture)
 
@@ -71,7 +72,7 @@ async def test_register_with_attachments(
     code, _, err = await cellmesh("pipeline", "register", str(cppipe), "--attach", str(tmp_path / "nope.csv"))
     assert code == 1 and "no such file to attach" in err
 
-    async with CellmeshClient(catalog_address) as client:
+    async with CellmeshClient(catalog_address, credentials=test_pki.credentials("scientist")) as client:
         (p,) = await client.list_pipelines()
         by_name = {a.name: a.object for a in p.attachments}
         assert by_name["models/worm.bin"].key == f"attachments/{sha256_bytes(big.read_bytes())}"

@@ -3,6 +3,7 @@ file `cellmesh up` writes, then the defaults."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,12 +12,24 @@ from pathlib import Path
 
 import pytest
 from cellmesh import meshconfig
-from cellmesh.cli import build_parser, main, resolve_addresses
+from cellmesh.cli import build_parser, main, resolve_addresses, resolve_credentials
 from cellmesh.client import DEFAULT_CATALOG, DEFAULT_REDUCER, ObjectStoreConfig
 
+from services.common.server import GrpcServer
+from tests import pki as test_pki
 from tests.conftest import free_port
 
-MESH_VARS = ("CELLMESH_CATALOG", "CELLMESH_REDUCER", "CELLMESH_CONFIG", *meshconfig.S3_ENV_NAMES)
+MESH_VARS = (
+    "CELLMESH_CATALOG",
+    "CELLMESH_REDUCER",
+    "CELLMESH_CONFIG",
+    "CELLMESH_CA",
+    "CELLMESH_CERT",
+    "CELLMESH_KEY",
+    "CELLMESH_TOKEN",
+    "CELLMESH_TOKEN_FILE",
+    *meshconfig.S3_ENV_NAMES,
+)
 
 
 def write_config(path: Path, **fields: object) -> Path:
@@ -75,6 +88,32 @@ def test_addresses_flag_then_environment_then_file_then_default(
         "flag-host:3",
         "",
     )
+
+
+def test_credentials_from_the_environment_else_the_file(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("ca", "op", "op-key", "mine", "mine-key"):
+        (tmp_path / name).write_bytes(name.encode())
+    assert resolve_credentials() is None  # no file, nothing set: plain text
+    write_config(clean_env, ca=str(tmp_path / "ca"), cert=str(tmp_path / "op"), key=str(tmp_path / "op-key"))
+    from_file = resolve_credentials()
+    assert from_file is not None and (from_file.ca, from_file.cert, from_file.key) == (
+        b"ca",
+        b"op",
+        b"op-key",
+    )
+    monkeypatch.setenv("CELLMESH_TOKEN", "cm_x")
+    with_token = resolve_credentials()
+    assert with_token is not None and with_token.token == "cm_x" and with_token.cert == b"op"
+    monkeypatch.setenv("CELLMESH_CA", str(tmp_path / "ca"))
+    monkeypatch.setenv("CELLMESH_CERT", str(tmp_path / "mine"))
+    monkeypatch.setenv("CELLMESH_KEY", str(tmp_path / "mine-key"))
+    from_env = resolve_credentials()
+    assert from_env is not None and (from_env.cert, from_env.token) == (b"mine", "cm_x")
+    monkeypatch.setenv("CELLMESH_CERT", str(tmp_path / "gone"))
+    with pytest.raises(meshconfig.MeshConfigError, match="cannot read .*gone"):
+        resolve_credentials()
 
 
 def test_object_store_from_the_file_unless_the_environment_names_one(
@@ -141,3 +180,17 @@ def test_up_without_the_services_says_what_to_do() -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: FAILED_PRECONDITION: `cellmesh up` needs the cellmesh services")
     assert "make setup" in proc.stderr
+
+
+async def test_a_mesh_with_tls_called_without_credentials_says_what_to_set(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = GrpcServer([], "127.0.0.1", 0, 1, auth=test_pki.server_auth("catalog"))
+    port = await server.start()
+    try:
+        code = await asyncio.to_thread(main, ["--catalog", f"127.0.0.1:{port}", "plate", "list"])
+    finally:
+        await server.stop()
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: UNAVAILABLE:"), err
+    assert "set CELLMESH_CA, CELLMESH_CERT and CELLMESH_KEY" in err

@@ -23,6 +23,7 @@ from services.common import synth
 from services.common.s3 import ObjectStore
 from services.common.server import GrpcServer, Registration
 from services.common.settings import S3Settings
+from tests import pki as test_pki
 from tests.common.test_cppipe import grouped
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pipelines"
@@ -30,7 +31,14 @@ HUMAN = r"_(?P<Well>[A-P]\d{2})f(?P<Site>\d{2})d(?P<Channel>\d)\.tif$"
 
 
 @pytest.fixture
-async def catalog_address(database_url: str, s3_settings: S3Settings) -> AsyncIterator[str]:
+async def catalog_address(
+    database_url: str, s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    # The CLI finds the credentials in the environment: a scientist's.
+    local = test_pki.local()
+    monkeypatch.setenv("CELLMESH_CA", str(local.ca))
+    monkeypatch.setenv("CELLMESH_CERT", str(local.cert("scientist")))
+    monkeypatch.setenv("CELLMESH_KEY", str(local.key("scientist")))
     await migrate.upgrade(database_url)
     store = CatalogStore.connect(database_url, max_attempts=3)
     try:
@@ -42,6 +50,7 @@ async def catalog_address(database_url: str, s3_settings: S3Settings) -> AsyncIt
                 host="127.0.0.1",
                 port=0,
                 grace_seconds=2,
+                auth=test_pki.server_auth("catalog"),
             )
             port = await server.start()
             await server.set_serving(True)
@@ -110,7 +119,7 @@ async def test_cli_against_the_real_catalog(
     assert "uploaded            0 (0.0 MB)" in out
     assert "skipped             3 (3 already registered, 0 already stored)" in out
 
-    async with CellmeshClient(catalog_address) as client:
+    async with CellmeshClient(catalog_address, credentials=test_pki.credentials("scientist")) as client:
         images = await client.list_images("human")
         # (well, site, channel) order; channel order follows the database's collation
         assert sorted((i.site.well, i.site.site, i.channel, i.object.key) for i in images) == [
@@ -209,7 +218,7 @@ async def test_cli_ingest_carries_the_pattern_s_other_groups_as_site_metadata(
     code, out, err = await cellmesh("ingest", str(folder), "--plate", "M1", "--pattern", pattern, "--quiet")
     assert code == 0, err
     assert "registered          8 new, 0 replaced, 0 unchanged" in out
-    async with CellmeshClient(catalog_address) as client:
+    async with CellmeshClient(catalog_address, credentials=test_pki.credentials("scientist")) as client:
         sites = await client.list_sites("M1")
         assert {(s.site.well, s.site.site): dict(s.metadata) for s in sites} == {
             key: {"Compound": value} for key, value in compounds.items()

@@ -44,6 +44,12 @@ POLLUTED = {
     "SIGNING_KEY": "x",
     "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json",
     "SSL_CERT_FILE": "/etc/ssl/certs/ca.pem",
+    # the worker's own certificate and the users' tokens (services/common/auth.py)
+    "TLS_CA": "-----BEGIN CERTIFICATE-----",
+    "TLS_KEY_FILE": "/run/secrets/tls_key",
+    "TLS_CERT_FILE": "/run/secrets/tls_cert",
+    "AUTH_TOKENS_FILE": "/run/secrets/auth_tokens",
+    "AUTH": "on",
     # what it does not need, some of it dangerous
     "PYTHONPATH": "/opt/cellmesh/src",
     "PYTHONHOME": "/opt/cellmesh/venv",

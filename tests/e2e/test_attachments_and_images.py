@@ -210,7 +210,7 @@ async def test_a_pipeline_reads_its_attached_csv_and_illumination_function(tmp_p
     content = reading_pipeline()
     mesh = await start_mesh(options(tmp_path, workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await _register(catalog, content, [])
@@ -273,7 +273,7 @@ async def test_a_pipeline_that_only_saves_images(tmp_path: Path) -> None:
     rows, columns, sites_per_well = 1, 2, 2
     mesh = await start_mesh(options(tmp_path, workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             pipeline = (await _register(catalog, images_only_pipeline(), [])).pipeline
             assert list(pipeline.tables) == [] and pipeline.modules[-1] == "SaveImages"

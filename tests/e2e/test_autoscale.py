@@ -10,7 +10,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
@@ -36,7 +35,7 @@ async def test_workers_grow_to_the_maximum_and_shrink_to_the_minimum_without_red
     settings = AutoscaleSettings(ScalePolicy(1, 3, 1, up_cooldown_s=2, down_cooldown_s=DOWN_COOLDOWN_S), 1.0)
     stop = asyncio.Event()
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             scaler = Autoscaler(settings, backend, CatalogBacklog(catalog))
             sites = await create_generated_plate(catalog, tmp_path / "img", "AS1", 2, 6, 2)

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -123,7 +122,7 @@ async def test_bbbc013_illumination_then_analysis_equal_the_command_line(
     mesh = await start_mesh(options(tmp_path, workers=2))
     try:
         async with (
-            grpc.aio.insecure_channel(mesh.catalog_addr) as channel,
+            mesh.channel() as channel,
             ObjectStore(mesh.s3) as store,
             CellmeshClient(mesh.catalog_addr) as client,
         ):

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import boto3
-import grpc
 import pytest
 from cellmesh import cpa as cpa_names
 from cellmesh import pages
@@ -95,7 +94,7 @@ def sha256_file(path: str) -> str:
 async def test_cellprofiler_analyst_finds_every_well_and_object(tmp_path: Path) -> None:
     mesh = await start_mesh(options(tmp_path, workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             sites = await create_generated_plate(catalog, tmp_path / "img", PLATE, rows=2, columns=3, sites=2)
             await microscope.acquire(store, catalog, PLATE, sites, images_per_second=40)
@@ -186,7 +185,7 @@ async def test_example_human_objects_in_one_per_object_table(tmp_path: Path, sha
     folder = shared_data / "example_human"
     mesh = await start_mesh(options(tmp_path, workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             pipeline = await catalog.RegisterPipeline(
                 catalog_pb2.RegisterPipelineRequest(

@@ -7,7 +7,6 @@ import csv
 import io
 from pathlib import Path
 
-import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
@@ -26,7 +25,7 @@ async def test_generated_plate_counts_equal_drawn_nuclei(tmp_path: Path) -> None
     opts = options(tmp_path, workers=2, rows=2, columns=3, sites=2, rate=30.0)
     mesh = await start_mesh(opts)
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             pipeline = await catalog.RegisterPipeline(
                 catalog_pb2.RegisterPipelineRequest(
@@ -69,7 +68,7 @@ async def test_example_human_site_through_the_mesh(tmp_path: Path, shared_data: 
     folder = shared_data / "example_human"
     mesh = await start_mesh(options(tmp_path, workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             pipeline = await catalog.RegisterPipeline(
                 catalog_pb2.RegisterPipelineRequest(

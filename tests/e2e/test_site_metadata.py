@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import grpc
 import pandas as pd
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
@@ -74,7 +73,7 @@ async def test_the_pattern_s_groups_are_metadata_columns_of_the_image_table(tmp_
     plate = "MD1"
     mesh = await start_mesh(options(tmp_path / "mesh", workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             sites = await create_generated_plate(
                 catalog, tmp_path / "generated", plate, 1, 2, 2, pipeline=loaddata_nuclei(), size=128

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,7 +83,7 @@ async def test_illumination_stage_then_analysis_equal_the_command_line(tmp_path:
     )
     mesh = await start_mesh(options(tmp_path / "mesh", workers=2))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             illum = (
                 await catalog.RegisterPipeline(

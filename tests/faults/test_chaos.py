@@ -56,7 +56,7 @@ async def test_random_kills_lose_nothing_and_run_nothing_twice(tmp_path: Path, m
     kills: list[str] = []
     try:
         procs = {p.name: p for p in mesh.procs.procs}
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "X1", 2, 4, 2)
             # Images arrive over about 16 s, so that kills land while sites are in flight.

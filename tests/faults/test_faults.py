@@ -14,7 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
@@ -45,7 +44,7 @@ def proc(mesh: Mesh, name: str) -> Proc:
 async def wait_worker_running(mesh: Mesh, name: str, timeout: float = 120) -> None:
     """Waits until the worker reports a site in CellProfiler."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(proc(mesh, name).grpc_addr) as channel:
+    async with mesh.channel(proc(mesh, name).grpc_addr) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         while time.monotonic() < deadline:
             status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
@@ -64,7 +63,7 @@ async def restart(p: Proc, env: dict[str, str] | None = None) -> None:
 async def test_worker_killed_mid_site_is_redelivered_and_done_once(tmp_path: Path) -> None:
     mesh = await start_mesh(options(tmp_path, workers=2))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "K1", 2, 3, 2)
             feed = asyncio.create_task(microscope.acquire(store, catalog, "K1", sites, 100))
@@ -91,7 +90,7 @@ async def test_scheduler_killed_between_publish_and_record(tmp_path: Path) -> No
         sched.signal(signal.SIGTERM)
         await asyncio.sleep(1)
         await restart(sched, {"CELLMESH_FAILPOINT": "scheduler.after_publish"})
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "S1", 1, 3, 2)
             await microscope.acquire(store, catalog, "S1", sites, 200)
@@ -117,7 +116,7 @@ async def test_scheduler_killed_between_publish_and_record(tmp_path: Path) -> No
 async def test_catalog_stopped_while_workers_finish(tmp_path: Path) -> None:
     mesh = await start_mesh(options(tmp_path, workers=2))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "C1", 2, 3, 1)
             await microscope.acquire(store, catalog, "C1", sites, 200)
@@ -138,7 +137,7 @@ async def test_rabbitmq_restarted_with_tasks_queued_and_in_flight(tmp_path: Path
     with PrivateRabbit().running() as rabbit:
         mesh = await start_mesh(options(tmp_path, workers=1, amqp_url=rabbit.url))
         try:
-            async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+            async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
                 catalog = catalog_stub(ch)
                 sites = await create_generated_plate(catalog, tmp_path / "img", "R1", 2, 4, 1)
                 await microscope.acquire(store, catalog, "R1", sites, 200)
@@ -157,7 +156,7 @@ async def test_mariadb_restarted_under_load(tmp_path: Path) -> None:
     with PrivateMariaDB(tmp_path / "mariadb").running() as db:
         mesh = await start_mesh(options(tmp_path, workers=2, database_url=db.url))
         try:
-            async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+            async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
                 catalog = catalog_stub(ch)
                 sites = await create_generated_plate(catalog, tmp_path / "img", "M1", 2, 3, 2)
                 feed = asyncio.create_task(microscope.acquire(store, catalog, "M1", sites, 20))
@@ -185,7 +184,7 @@ async def test_object_store_unreachable_for_a_while(tmp_path: Path) -> None:
         )
     )
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "O1", 2, 3, 1)
             await microscope.acquire(store, catalog, "O1", sites, 200)
@@ -206,7 +205,7 @@ async def test_object_store_unreachable_for_a_while(tmp_path: Path) -> None:
 async def test_bad_images_fail_once_as_input_problems(tmp_path: Path) -> None:
     mesh = await start_mesh(options(tmp_path, workers=1))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "B1", 1, 4, 1)
             by_well = {s.well: s for s in sites}
@@ -238,7 +237,7 @@ async def test_time_limit_retries_then_fails_and_the_worker_survives(tmp_path: P
         options(tmp_path, workers=1, extra_env={"SITE_TIMEOUT_S": "0.3", "MAX_ATTEMPTS": "2"})
     )
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "T1", 1, 2, 1)
             await microscope.acquire(store, catalog, "T1", sites, 200)
@@ -280,7 +279,7 @@ async def test_malformed_message_is_dead_lettered_and_parked(tmp_path: Path) -> 
             await conn.close()
         mesh.procs.check_alive()
         # The worker still takes real work.
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "G1", 1, 1, 1)
             await microscope.acquire(store, catalog, "G1", sites, 200)
@@ -295,7 +294,7 @@ async def test_sigterm_to_every_service_loses_nothing(tmp_path: Path) -> None:
     """A rolling restart: each service gets SIGTERM and comes back."""
     mesh = await start_mesh(options(tmp_path, workers=2))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "U1", 2, 3, 2)
             feed = asyncio.create_task(microscope.acquire(store, catalog, "U1", sites, 30))
@@ -336,7 +335,7 @@ async def test_long_site_outlives_the_consumer_timeout_without_running_twice(tmp
         )
         mesh = await start_mesh(opts)
         try:
-            async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+            async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
                 catalog = catalog_stub(ch)
                 sites = await create_generated_plate(catalog, tmp_path / "img", "L1", 1, 1, 1)
                 await microscope.acquire(store, catalog, "L1", sites, 200)
@@ -366,7 +365,7 @@ async def test_worker_dying_after_an_early_ack_loses_nothing(tmp_path: Path) -> 
     )
     mesh = await start_mesh(opts)
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "L2", 1, 1, 1)
             await microscope.acquire(store, catalog, "L2", sites, 200)
@@ -397,7 +396,7 @@ async def test_missing_object_and_failing_pipeline_get_their_failure_classes(tmp
     the other sites go on."""
     mesh = await start_mesh(options(tmp_path, workers=1, extra_env={"MAX_ATTEMPTS": "2"}))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "X1", 1, 3, 1)
             gone = next(s for s in sites if s.well == "A02")

@@ -10,7 +10,6 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
@@ -39,7 +38,7 @@ async def test_tasks_the_broker_lost_are_issued_again(tmp_path: Path) -> None:
         while worker.alive and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert not worker.alive
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "L1", 2, 2, 1)
             await microscope.acquire(store, catalog, "L1", sites, 100)

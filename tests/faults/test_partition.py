@@ -14,7 +14,6 @@ import re
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from cellmesh.common.v1 import types_pb2
 from cellmesh.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -42,7 +41,7 @@ HOLD_SECONDS = 60  # A's sites take this much longer than usual (failpoint)
 
 
 async def active_sites(worker: Proc) -> list[worker_pb2.ActiveSite]:
-    async with grpc.aio.insecure_channel(worker.grpc_addr) as channel:
+    async with worker.channel() as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
         return list(status.active)
@@ -65,6 +64,7 @@ async def test_worker_cut_off_by_the_network_never_changes_registered_results(tm
             workers=0,
             amqp_url=rabbit.url,
             host=ns.host_addr,
+            tls_hosts=(ns.ns_addr,),
             extra_env={"SITE_LEASE_S": "30"},
         )
         mesh = await start_mesh(opts)
@@ -78,7 +78,7 @@ async def test_worker_cut_off_by_the_network_never_changes_registered_results(tm
                 host=ns.ns_addr,
                 launcher=ns.launcher,
             )
-            async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+            async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
                 catalog = catalog_stub(ch)
                 sites = await create_generated_plate(catalog, tmp_path / "img", "N1", 1, 2, 2)
                 await microscope.acquire(store, catalog, "N1", sites, 200)

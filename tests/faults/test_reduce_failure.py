@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from cellmesh.catalog.v1 import catalog_pb2
 
@@ -38,7 +37,7 @@ async def test_a_reduce_that_kills_its_reducers_fails_and_runs_again_on_request(
             await asyncio.sleep(0.1)
         reducer.env = {**reducer.env, "CELLMESH_FAILPOINT": "reducer.kill_on_reduce"}
         reducer.start()
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as ch, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as ch, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(ch)
             sites = await create_generated_plate(catalog, tmp_path / "img", "D1", 1, 2, 1)
             await microscope.acquire(store, catalog, "D1", sites, 100)

@@ -38,6 +38,7 @@ def start_worker_unwaited(mesh: Mesh, tmp: Path, env: dict[str, str]) -> Proc:
         "services.cpworker",
         {
             **mesh.env,
+            **mesh.service_env("cpworker"),
             "CATALOG_ADDR": mesh.catalog_addr,
             "GRPC_PORT": str(port),
             "CP_PYTHON": cp_python(),
@@ -50,7 +51,7 @@ def start_worker_unwaited(mesh: Mesh, tmp: Path, env: dict[str, str]) -> Proc:
 
 async def worker_state(worker: Proc) -> tuple[int, str]:
     """(health status, not_serving_reason) of the worker."""
-    async with grpc.aio.insecure_channel(worker.grpc_addr) as channel:
+    async with worker.channel() as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         status = await worker_pb2_grpc.WorkerServiceStub(channel).GetWorkerStatus(
             worker_pb2.GetWorkerStatusRequest(), timeout=5
@@ -119,7 +120,7 @@ async def test_worker_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) ->
         assert "S3_BUCKET" in worker.log_path.read_text(), "the log names the setting"
 
         async with (
-            grpc.aio.insecure_channel(mesh.catalog_addr) as channel,
+            mesh.channel() as channel,
             ObjectStore(mesh.s3) as store,
             ObjectStore(replace(mesh.s3, bucket=bucket)) as workers_store,
         ):
@@ -160,13 +161,13 @@ async def test_worker_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) ->
 
 
 async def reducer_health(reducer: Proc) -> int:
-    async with grpc.aio.insecure_channel(reducer.grpc_addr) as channel:
+    async with reducer.channel() as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     return int(reply.status)
 
 
 async def reducer_refusal(reducer: Proc, plate: str) -> grpc.aio.AioRpcError:
-    async with grpc.aio.insecure_channel(reducer.grpc_addr) as channel:
+    async with reducer.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await reducer_pb2_grpc.ReducerServiceStub(channel).ReducePlate(
                 reducer_pb2.ReducePlateRequest(plate=plate), timeout=30
@@ -200,6 +201,7 @@ async def test_reducer_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) -
             "services.reducer",
             {
                 **mesh.env,
+                **mesh.service_env("reducer"),
                 "CATALOG_ADDR": mesh.catalog_addr,
                 "GRPC_PORT": str(port),
                 "S3_BUCKET": bucket,
@@ -219,7 +221,7 @@ async def test_reducer_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) -
         assert "S3_BUCKET" in reducer.log_path.read_text()
 
         async with (
-            grpc.aio.insecure_channel(mesh.catalog_addr) as channel,
+            mesh.channel() as channel,
             ObjectStore(mesh.s3) as store,
             ObjectStore(replace(mesh.s3, bucket=bucket)) as reducers_store,
         ):

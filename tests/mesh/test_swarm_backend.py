@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import docker.errors
-import grpc
 import pytest
+from cellmesh.auth import sync_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.mesh.autoscale import (
@@ -26,6 +26,7 @@ from services.mesh.autoscale import (
     parse_range,
 )
 from services.mesh.scaling import ScalePolicy
+from tests import pki as test_pki
 from tests.conftest import free_port
 
 
@@ -160,6 +161,7 @@ def test_the_swarm_autoscaler_without_an_engine_stays_not_serving_and_says_why(t
         "CATALOG_ADDR": f"127.0.0.1:{free_port()}",
         "DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}",
         "AUTOSCALE_INTERVAL_S": "0.5",
+        **test_pki.service_env("autoscaler"),
     }
     log_path = tmp_path / "autoscaler.log"
     with log_path.open("wb") as out:
@@ -173,7 +175,7 @@ def test_the_swarm_autoscaler_without_an_engine_stays_not_serving_and_says_why(t
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
         assert "/var/run/docker.sock mounted" in log_path.read_text()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with sync_channel(f"127.0.0.1:{port}", test_pki.credentials("operator")) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         proc.send_signal(signal.SIGTERM)

@@ -22,6 +22,7 @@ from services.common.server import GrpcServer, Registration
 from services.common.settings import S3Settings
 from services.reducer import testdata
 from services.reducer.service import Reducer, ReducerServicer, table_files
+from tests import pki as test_pki
 from tests.reducer.fake_catalog import FakeCatalog
 
 SHA = hashlib.sha256(b"nuclei pipeline").hexdigest()
@@ -122,10 +123,11 @@ async def mesh(s3_settings: S3Settings, tmp_path: Path) -> AsyncIterator[Mesh]:
             host="127.0.0.1",
             port=0,
             grace_seconds=1,
+            auth=test_pki.server_auth("reducer"),
         )
         reducer_port = await server.start()
         await server.set_serving(True)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{reducer_port}") as reducer_channel:
+        async with test_pki.channel(f"127.0.0.1:{reducer_port}") as reducer_channel:
             await add_plate(catalog, store)
             yield Mesh(catalog, store, reducer, reducer_pb2_grpc.ReducerServiceStub(reducer_channel))
         await server.stop()

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import pytest_asyncio
 from cellmesh.catalog.v1 import catalog_pb2
@@ -87,7 +86,7 @@ async def test_plate_map_turns_done_live_then_a_well_and_the_report(
     clicking a well shows its thumbnails, measurements and provenance; the
     report's plots load; the map colours by a per-well feature."""
     plate = "WEBLIVE"
-    async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+    async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
         catalog = catalog_stub(channel)
         sites = await create_generated_plate(catalog, tmp_path / "img", plate, 2, 3, 1, size=256)
         page = await browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -223,9 +222,12 @@ async def _table(page: Any, selector: str) -> dict[str, str]:
 
 async def test_dropping_a_folder_registers_its_images(mesh: Mesh, browser: Any, tmp_path: Path) -> None:
     """Files dropped on the page are stored and registered as `cellmesh
-    ingest` does; a pattern that cannot work is refused with what to fix."""
+    ingest` does, in the name of the user whose token comes with them; no
+    token, a viewer's token and a pattern that cannot work are refused with
+    what to fix, and register nothing."""
     plate = "WEBDROP"
-    async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel:
+    assert mesh.pki is not None, "the test mesh runs with AUTH=on"
+    async with mesh.channel() as channel:
         catalog = catalog_stub(channel)
         sites = await create_generated_plate(catalog, tmp_path / "folder", plate, 1, 2, 1, size=128, seed=5)
         files = sorted(p for s in sites for p in s.files.values())
@@ -233,10 +235,28 @@ async def test_dropping_a_folder_registers_its_images(mesh: Mesh, browser: Any, 
         await page.goto(f"{mesh.web_url}plates/{plate}")
         await page.wait_for_selector("#drop")
 
-        await page.fill("#pattern", r"_(?P<Well>[A-P]\d{2})\.tif$")
+        await page.fill("#pattern", PATTERN)
         await page.set_input_files("#files", [str(files[0])])
         await page.wait_for_selector("#upload-error")
-        assert "INVALID_ARGUMENT" in await page.inner_text("#upload-error")
+        assert "UNAUTHENTICATED" in await page.inner_text("#upload-error")
+        assert "token" in await page.inner_text("#upload-error")
+        await page.fill("#token", mesh.pki.token("viewer"))
+        await page.set_input_files("#files", [])
+        await page.set_input_files("#files", [str(files[0])])
+        await page.wait_for_function(
+            "document.getElementById('upload-error') && "
+            "document.getElementById('upload-error').innerText.includes('PERMISSION_DENIED')"
+        )
+        assert not (await catalog.ListImages(catalog_pb2.ListImagesRequest(plate=plate))).images
+
+        await page.fill("#token", mesh.pki.token("scientist"))
+        await page.fill("#pattern", r"_(?P<Well>[A-P]\d{2})\.tif$")
+        await page.set_input_files("#files", [])
+        await page.set_input_files("#files", [str(files[0])])
+        await page.wait_for_function(
+            "document.getElementById('upload-error') && "
+            "document.getElementById('upload-error').innerText.includes('INVALID_ARGUMENT')"
+        )
         assert "(?P<Channel>...)" in await page.inner_text("#upload-error")
         assert not (await catalog.ListImages(catalog_pb2.ListImagesRequest(plate=plate))).images
 
@@ -325,7 +345,7 @@ async def test_a_failed_site_is_red_with_its_reason(mesh: Mesh, browser: Any, tm
     """A site whose image does not match its registered checksum fails as an
     input problem: its well turns red live and the well shows why."""
     plate = "WEBFAIL"
-    async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+    async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
         catalog = catalog_stub(channel)
         (site,) = await create_generated_plate(catalog, tmp_path / "img", plate, 1, 1, 1, size=128, seed=9)
         page = await browser.new_page(viewport={"width": 1280, "height": 1000})

@@ -271,6 +271,7 @@ function uploadSection(plate) {
     el("label", {}, "channel map ", el("input", { type: "text", name: "channel_map", id: "channel-map",
       placeholder: plate.channels.map((c, i) => `${i}=${c}`).join(",") })),
     el("label", {}, "site (when the pattern has no Site group) ", el("input", { type: "text", name: "site", id: "site", value: "0", size: "3" })),
+    el("label", {}, "your token (a scientist's; not needed on a mesh without authentication) ", el("input", { type: "password", name: "token", id: "token", autocomplete: "off" })),
     drop, result);
   const send = async (files) => {
     if (!files.length) return;

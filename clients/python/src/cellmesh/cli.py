@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cellmesh import cpa, meshconfig
+from cellmesh.auth import Credentials
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.client import (
     DEFAULT_CATALOG,
@@ -51,6 +52,9 @@ where the mesh is (a flag, else the environment, else the file `cellmesh up` wri
                          object store keys (else the usual AWS configuration);
                          any S3_* or AWS_* variable set: the object store comes
                          from the environment alone
+  CELLMESH_CA            the mesh CA's certificate (PEM); with CELLMESH_CERT and
+  CELLMESH_KEY           your certificate and key, and/or CELLMESH_TOKEN
+  CELLMESH_TOKEN         (or CELLMESH_TOKEN_FILE) your token; default: the file's
   CELLMESH_CONFIG        the file `cellmesh up` writes (default
                          $XDG_CONFIG_HOME/cellmesh/mesh.json, ~/.config/cellmesh/mesh.json)
 
@@ -740,13 +744,42 @@ def resolve_addresses(args: argparse.Namespace, env: Mapping[str, str] | None = 
                 used = used or (str(mesh.path) if args.command == "reduce" else "")
     args.catalog = args.catalog or DEFAULT_CATALOG
     args.reducer = args.reducer or DEFAULT_REDUCER
+    args.credentials = resolve_credentials(env)
     return used
+
+
+def resolve_credentials(env: Mapping[str, str] | None = None) -> Credentials | None:
+    """The environment's credentials (`CELLMESH_CA`, ...; cellmesh.auth),
+    else the file's `cellmesh up` wrote, else none (plain text)."""
+    source = os.environ if env is None else env
+    try:
+        credentials = Credentials.from_env(source)
+    except OSError as exc:
+        raise meshconfig.MeshConfigError(
+            f"cannot read {exc.filename} ({exc.strerror}): check CELLMESH_CA, "
+            "CELLMESH_CERT, CELLMESH_KEY, CELLMESH_TOKEN_FILE"
+        ) from None
+    if credentials is not None:
+        return credentials
+    mesh = meshconfig.load(source)
+    if mesh is None:
+        return None
+    credentials = mesh.credentials()
+    token = source.get("CELLMESH_TOKEN")
+    return credentials.with_token(token) if credentials is not None and token else credentials
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> None:
     reducer = args.reducer if args.command == "reduce" else None
-    async with CellmeshClient(args.catalog, reducer) as client:
+    async with CellmeshClient(
+        args.catalog, reducer, credentials=getattr(args, "credentials", None)
+    ) as client:
         await args.run(client, args, out)
+
+
+def _handshake_refused(message: str) -> bool:
+    words = ("handshake", "ssl", "tls", "certificate", "socket closed")
+    return any(w in message.lower() for w in words)
 
 
 def _error(code: grpc.StatusCode, message: str) -> int:
@@ -773,6 +806,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 exc.code,
                 f"{exc.message} (the address comes from {from_file}, written by `cellmesh up`:"
                 " is that mesh still running? `cellmesh status` says)",
+            )
+        if exc.code == grpc.StatusCode.UNAVAILABLE and _handshake_refused(exc.message):
+            return _error(
+                exc.code,
+                f"{exc.message} (a mesh with TLS closes connections without a client certificate of its CA:"
+                " set CELLMESH_CA, CELLMESH_CERT and CELLMESH_KEY; see `cellmesh --help`)",
             )
         return _error(exc.code, exc.message)
     except ValueError as exc:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import grpc
 
 from cellmesh import keys, pages
+from cellmesh.auth import Credentials, aio_channel
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
@@ -103,6 +104,9 @@ class CellmeshClient:
 
     `async with CellmeshClient("host:50051", reducer="host:50054") as mesh:`.
     `timeout` bounds every call except `watch` (seconds; None waits forever).
+    `credentials` (`cellmesh.auth.Credentials`: the mesh's CA, your
+    certificate or token) are needed by every mesh that runs with TLS; None
+    talks plain text.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class CellmeshClient:
         timeout: float | None = 120.0,
         channel: grpc.aio.Channel | None = None,
         reducer_channel: grpc.aio.Channel | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         """`channel` and `reducer_channel`, when given, are used instead of
         opening plain ones to the addresses (a service passes the channels
@@ -124,10 +129,10 @@ class CellmeshClient:
         self.catalog_address = catalog
         self.reducer_address = reducer
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(catalog, options=options)
+        self._channel = channel or aio_channel(catalog, credentials, options)
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
         if reducer_channel is None and reducer:
-            reducer_channel = grpc.aio.insecure_channel(reducer, options=options)
+            reducer_channel = aio_channel(reducer, credentials, options)
         self._reducer_channel = reducer_channel
         self._reducer = (
             reducer_pb2_grpc.ReducerServiceStub(self._reducer_channel) if self._reducer_channel else None

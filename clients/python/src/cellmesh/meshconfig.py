@@ -14,7 +14,13 @@ store's keys)::
     {"catalog": "127.0.0.1:40123", "reducer": "127.0.0.1:40127",
      "s3": {"endpoint_url": "http://127.0.0.1:40119", "bucket": "cellmesh",
             "region": "us-east-1", "access_key_id": "...", "secret_access_key": "..."},
+     "ca": ".../pki/ca.pem", "cert": ".../pki/operator.pem", "key": ".../pki/operator.key",
      "state_dir": "/home/me/.local/share/cellmesh", "pid": 12345}
+
+`ca`, `cert` and `key` are the mesh's CA and the user's certificate (the
+operator's: who ran `cellmesh up` runs the mesh); `CELLMESH_CA`,
+`CELLMESH_CERT`, `CELLMESH_KEY`, `CELLMESH_TOKEN` override them
+(`cellmesh.auth`). A mesh run with AUTH=off has none.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cellmesh.auth import Credentials
 
 __all__ = ["MeshConfig", "MeshConfigError", "config_path", "load"]
 
@@ -47,6 +55,9 @@ class MeshConfig:
     s3: Mapping[str, str] = field(default_factory=dict)
     state_dir: str = ""
     pid: int = 0
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
 
     @classmethod
     def from_json(cls, path: Path, data: Any) -> MeshConfig:
@@ -66,6 +77,9 @@ class MeshConfig:
             s3={str(k): str(v) for k, v in s3.items() if v is not None},
             state_dir=str(data.get("state_dir") or ""),
             pid=pid,
+            ca=str(data.get("ca") or ""),
+            cert=str(data.get("cert") or ""),
+            key=str(data.get("key") or ""),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -75,6 +89,7 @@ class MeshConfig:
             "s3": dict(self.s3),
             "state_dir": self.state_dir,
             "pid": self.pid,
+            **({"ca": self.ca, "cert": self.cert, "key": self.key} if self.ca else {}),
         }
 
     def s3_env(self) -> dict[str, str]:
@@ -87,6 +102,18 @@ class MeshConfig:
             "secret_access_key": "AWS_SECRET_ACCESS_KEY",
         }
         return {env: self.s3[key] for key, env in names.items() if self.s3.get(key)}
+
+    def credentials(self) -> Credentials | None:
+        """The mesh's CA and the user's certificate, None when the mesh runs
+        without TLS; MeshConfigError when a file it names cannot be read."""
+        if not self.ca:
+            return None
+        try:
+            return Credentials.from_files(self.ca, self.cert or None, self.key or None)
+        except OSError as exc:
+            raise MeshConfigError(
+                f"{self.path}: cannot read {exc.filename} ({exc.strerror}); run `cellmesh up` again"
+            ) from None
 
     def write(self) -> None:
         """Writes the file (mode 0600: it holds the object store's keys), atomically."""
