@@ -209,6 +209,14 @@ class LocalPki:
             "AUTH_TOKENS_FILE": str(self.tokens),
         }
 
+    def client_env(self, role: str = "operator") -> dict[str, str]:
+        """The variables the `cellmesh` command reads to call as `role`."""
+        return {
+            "CELLMESH_CA": str(self.ca),
+            "CELLMESH_CERT": str(self.cert(role)),
+            "CELLMESH_KEY": str(self.key(role)),
+        }
+
     def credentials(self, role: str = "operator", token: bool = False) -> Credentials:
         """`role`'s certificate; with `token`, the role-less `client`
         certificate and `role`'s token (a user role's)."""

@@ -139,6 +139,7 @@ async def test_cellprofiler_analyst_finds_every_well_and_object(tmp_path: Path) 
                 "S3_REGION": mesh.s3.region,
                 "AWS_ACCESS_KEY_ID": mesh.s3.access_key or "",
                 "AWS_SECRET_ACCESS_KEY": mesh.s3.secret_key or "",
+                **(mesh.pki.client_env("scientist") if mesh.pki is not None else {}),
             }
             cli = [sys.executable, "-m", "cellmesh.cli", "--catalog", mesh.catalog_addr]
             done = await asyncio.to_thread(

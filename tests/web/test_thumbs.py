@@ -82,8 +82,14 @@ def test_measurements_leave_out_bookkeeping_columns() -> None:
 
 
 def test_settings_come_from_the_environment_and_every_problem_is_named() -> None:
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "S3_ENDPOINT_URL": "http://10.0.0.5:4566"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "S3_ENDPOINT_URL": "http://10.0.0.5:4566",
+        "AUTH": "off",
+    }
     s = WebSettings.from_env(env)
+    assert s.auth is None
     assert (s.http_port, s.grpc_port, s.s3_public_endpoint_url) == (8080, 50056, "http://10.0.0.5:4566")
     s = WebSettings.from_env({**env, "S3_PUBLIC_ENDPOINT_URL": "https://s3.lab.example", "HTTP_PORT": "9000"})
     assert (s.http_port, s.s3_public_endpoint_url) == (9000, "https://s3.lab.example")
@@ -91,6 +97,8 @@ def test_settings_come_from_the_environment_and_every_problem_is_named() -> None
         WebSettings.from_env({"HTTP_PORT": "web", "THUMBNAIL_PX": "0", "AWS_ACCESS_KEY_ID": "k"})
     text = str(raised.value)
     assert "HTTP_PORT" in text and "THUMBNAIL_PX" in text and "AWS_SECRET_ACCESS_KEY" in text
+    with pytest.raises(SettingsError, match="TLS_CA"):  # AUTH=on (the default) needs its certificate
+        WebSettings.from_env({**env, "AUTH": "on"})
 
 
 def test_real_microscope_images_make_thumbnails(shared_data: Path) -> None:
