@@ -33,7 +33,8 @@ cellmesh_tls_catalog_cert cellmesh_tls_catalog_key
 cellmesh_tls_scheduler_cert cellmesh_tls_scheduler_key
 cellmesh_tls_cpworker_cert cellmesh_tls_cpworker_key
 cellmesh_tls_reducer_cert cellmesh_tls_reducer_key
-cellmesh_tls_autoscaler_cert cellmesh_tls_autoscaler_key"
+cellmesh_tls_autoscaler_cert cellmesh_tls_autoscaler_key
+cellmesh_tls_web_cert cellmesh_tls_web_key"
 
 pki=${CELLMESH_PKI_DIR:-}
 if [ -z "$pki" ] || [ ! -f "$pki/ca.pem" ] || [ ! -f "$pki/tokens" ]; then
@@ -80,7 +81,7 @@ printf '%s' "$s3_key" | create cellmesh_s3_access_key_id
 printf '%s' "$s3_secret" | create cellmesh_s3_secret_access_key
 create cellmesh_tls_ca < "$pki/ca.pem"
 create cellmesh_auth_tokens < "$pki/tokens"
-for role in catalog scheduler cpworker reducer autoscaler; do
+for role in catalog scheduler cpworker reducer autoscaler web; do
     create "cellmesh_tls_${role}_cert" < "$pki/$role.pem"
     create "cellmesh_tls_${role}_key" < "$pki/$role.key"
 done
