@@ -16,6 +16,7 @@ from services.catalog.servicer import SERVICE_NAME, CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.sweep import sweep_periodically, sweep_results
 from services.common.auth import MeshAuth
+from services.common.limits import Limits
 from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured
 from services.common.server import GrpcServer, Registration, stop_event_on_signals
 from services.common.settings import (
@@ -124,6 +125,8 @@ class CatalogSettings:
     sweep_grace_seconds: float = 86400.0
     # TLS and roles (services/common/auth.py); None serves plain text (AUTH=off).
     auth: MeshAuth | None = None
+    # Request sizes per RPC and the users' call rate (services/common/limits.py).
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, serving: bool = True) -> CatalogSettings:
@@ -156,6 +159,7 @@ class CatalogSettings:
             sweep_interval_seconds=v["SWEEP_INTERVAL_S"],
             sweep_grace_seconds=v["SWEEP_GRACE_S"],
             auth=MeshAuth.from_settings(v) if serving else None,
+            limits=Limits.from_settings(v),
         )
 
 
@@ -175,6 +179,7 @@ async def serve(
                 port=settings.grpc_port,
                 grace_seconds=settings.grace_seconds,
                 auth=settings.auth,
+                limits=settings.limits,
             )
             bound = await server.start()
             if on_started is not None:

@@ -590,7 +590,26 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 # -- errors -------------------------------------------------------------------------------------
 
 
+#: A status message goes back in a header that gRPC caps at 16 KiB (percent-
+#: encoded); messages that quote what the caller sent are shortened to this.
+MAX_MESSAGE_CHARS = 1000
+
+
+def _short_message(message: str) -> str:
+    """`message`, its middle left out when it is longer than MAX_MESSAGE_CHARS
+    (a quoted value can be megabytes: the caller still learns what is wrong)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    head, tail = MAX_MESSAGE_CHARS * 7 // 10, MAX_MESSAGE_CHARS * 2 // 10
+    return f"{message[:head]} … ({len(message) - head - tail:,} characters left out) … {message[-tail:]}"
+
+
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    code, message = _status_of(exc)
+    return code, _short_message(message)
+
+
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     for kind, code in _CODES.items():
         if isinstance(exc, kind):
             return code, str(exc)

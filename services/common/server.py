@@ -2,7 +2,9 @@
 
 Registers the standard health service and server reflection beside the
 service's own servicers, serves TLS with client certificates and checks
-every call's role (services/common/auth.py) unless AUTH=off, and stops in order: health goes NOT_SERVING, new RPCs
+every call's role (services/common/auth.py) unless AUTH=off, holds every
+request to its RPC's size limit and users to a call rate
+(services/common/limits.py), and stops in order: health goes NOT_SERVING, new RPCs
 are refused, in-flight RPCs get a grace period to finish.
 """
 
@@ -20,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import MeshAuth
+from services.common.limits import MAX_REQUEST_BYTES, Limits
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,28 @@ class GrpcServer:
         grace_seconds: float = 20.0,
         *,
         auth: MeshAuth | None,
+        limits: Limits | None = None,
     ) -> None:
-        """`auth` None serves plain text with no checks (AUTH=off)."""
+        """`auth` None serves plain text with no checks (AUTH=off). Every
+        request is held to its RPC's size limit; `limits` adds a call rate
+        per user (services/common/limits.py; none by default)."""
+        limits = limits or Limits()
         self._registrations = list(registrations)
         self._auth = auth
         self._address = f"{host}:{port}"
         self._grace = grace_seconds
         self._server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # The largest request any RPC takes; each RPC's own limit is
+                # checked per call (services/common/limits.py).
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 # Accept the clients' keepalive pings (services/common/channels.py).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
             ],
-            interceptors=[auth.interceptor()] if auth is not None else None,
+            # Auth first: the limits know who calls.
+            interceptors=[*([auth.interceptor()] if auth is not None else []), limits.interceptor()],
         )
         self._health = health.aio.HealthServicer()
         self.port = 0
@@ -128,6 +138,7 @@ def service_server(
         settings["GRPC_PORT"],
         settings["GRACE_SECONDS"],
         auth=MeshAuth.from_settings(settings),
+        limits=Limits.from_settings(settings),
     )
 
 

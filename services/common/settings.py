@@ -83,6 +83,13 @@ def positive_float(raw: str) -> float:
     return value
 
 
+def non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -134,4 +141,16 @@ COMMON_VARS = (
     Var("LOG_LEVEL", "INFO"),
     Var("GRPC_HOST", "0.0.0.0"),
     Var("GRACE_SECONDS", "20", positive_float, "seconds in-flight RPCs get to finish on SIGTERM"),
+    Var(
+        "RATE_LIMIT_PER_S",
+        "100",
+        non_negative_float,
+        "calls per second each user may make to the user-facing RPCs (0: no limit); the mesh's services are not limited",
+    ),
+    Var(
+        "RATE_LIMIT_BURST",
+        "500",
+        positive_int,
+        "calls a user may make at once before RATE_LIMIT_PER_S applies",
+    ),
 )
