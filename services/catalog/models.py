@@ -224,6 +224,13 @@ class SiteJobRow(Base):
     # image): still registered, so the object sweep keeps them.
     past_results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A plate stage's job for one group of sites: the group's values of the
+    # pipeline's grouping keys (`stages.group_key`); NULL: the whole plate,
+    # or a site's job.
+    group_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    # `domain.Gate` the job was last given on a plate whose stages group
+    # (`stages.gate_stages`); NULL: the run's gate.
+    gate: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
 
 
 class ReportRow(Base):

@@ -402,7 +402,8 @@ class CatalogStore:
             await session.flush()
             site_ids = await self._insert_sites(session, plate.id, expected) if expected else {}
             if pipeline.scope == int(Scope.PLATE):
-                await self._insert_jobs(session, [stages.stage_job_row(run.id)])
+                if not pipeline.group_by:  # a grouped stage gets a job per group as they come
+                    await self._insert_jobs(session, [stages.stage_job_row(run.id)])
             elif expected:
                 await self._insert_jobs(
                     session,
@@ -475,7 +476,8 @@ class CatalogStore:
             session.add(run)
             await session.flush()
             if pipeline.scope == int(Scope.PLATE):
-                await self._insert_jobs(session, [stages.stage_job_row(run.id)])
+                if not pipeline.group_by:  # a grouped stage gets a job per group as they come
+                    await self._insert_jobs(session, [stages.stage_job_row(run.id)])
                 await stages.gate_stages(session, plate, now)
                 return await self._plate_info(session, plate), 1
             present = await self._channels_by_site(session, plate.id)
@@ -867,14 +869,7 @@ class CatalogStore:
         if replaced_complete and await stages.has_stages(session, plate.id):
             # A plate stage that ran with a replaced image runs again (and
             # the stages after it, see stages.gate_stages).
-            await stages.reset_jobs(
-                session,
-                now,
-                SiteJobRow.run_id.in_(select(RunRow.id).where(RunRow.plate_id == plate.id)),
-                SiteJobRow.site_id.is_(None),
-                SiteJobRow.state != int(SiteState.WAITING),
-                state=SiteState.WAITING,
-            )
+            await stages.rerun_stages_of(session, plate, replaced_complete, now)
         await stages.gate_stages(session, plate, now)
         return len(newly_complete_old) + len(newly_complete_new)
 
@@ -1036,15 +1031,22 @@ class CatalogStore:
             # whole run's jobs, and the claim would slow down as plates grow.
             jobs = (
                 await session.execute(
-                    select(SiteJobRow.id, SiteJobRow.attempt, SiteJobRow.site_id, SiteJobRow.run_id)
+                    select(
+                        SiteJobRow.id,
+                        SiteJobRow.attempt,
+                        SiteJobRow.site_id,
+                        SiteJobRow.run_id,
+                        SiteJobRow.group_key,
+                    )
                     .where(SiteJobRow.id.in_(ids))
                     .order_by(*oldest_first)
                 )
             ).all()
-            # A plate stage's job has no site: it gets every complete site of its plate.
+            # A plate stage's job has no site: it gets every complete site of
+            # its plate (of its group, when it runs per group).
             stage_sites: dict[int, list[int]] = {}
             runs = {}
-            artifacts: dict[int, list[ResultFile]] = {}
+            files: dict[int, list[tuple[list[str], str | None, list[dict[str, Any]]]]] = {}
             for run_id in {j.run_id for j in jobs}:
                 runs[run_id] = (
                     await session.execute(
@@ -1057,6 +1059,7 @@ class CatalogStore:
                             PipelineRow.content_sha256,
                             PipelineRow.attachments,
                             PipelineRow.scope,
+                            PipelineRow.group_by,
                             RunRow.plate_id,
                             RunRow.position,
                         )
@@ -1067,10 +1070,8 @@ class CatalogStore:
                     )
                 ).one()
                 run = runs[run_id]
-                artifacts[run_id] = (
-                    await stages.artifacts_before(session, run.plate_id, run.position)
-                    if run.position > 0
-                    else []
+                files[run_id] = (
+                    await stages.stage_files(session, run.plate_id, run.position) if run.position > 0 else []
                 )
                 if run.scope == int(Scope.PLATE):
                     plate_row = await session.get(PlateRow, run.plate_id)
@@ -1088,7 +1089,16 @@ class CatalogStore:
             for job in jobs:
                 run = runs[job.run_id]
                 order = {c: n for n, c in enumerate(run.channels)}
-                covered = stage_sites[job.run_id] if job.site_id is None else [job.site_id]
+                if job.site_id is not None:
+                    covered = [job.site_id]
+                elif job.group_key is None:
+                    covered = stage_sites[job.run_id]
+                else:
+                    covered = [
+                        sid
+                        for sid in stage_sites[job.run_id]
+                        if stages.site_group_key(run.group_by or [], run.name, sites[sid]) == job.group_key
+                    ]
                 claim_images = [
                     ImageInfo(
                         run.name,
@@ -1105,6 +1115,7 @@ class CatalogStore:
                     for sid in covered
                     for i in sorted(images.get(sid, []), key=lambda i: order.get(i.channel, len(order)))
                 ]
+                artifacts = stages.artifacts_for(files[job.run_id], run.name, [sites[sid] for sid in covered])
                 if job.site_id is None:
                     key = SiteKey(run.name, "", 0)
                 else:
@@ -1120,7 +1131,7 @@ class CatalogStore:
                         expected_tables=list(run.table_files),
                         pipeline_content_sha256=run.content_sha256 or "",
                         scope=Scope(run.scope),
-                        input_files=_claim_inputs(run.attachments, artifacts[job.run_id]),
+                        input_files=_claim_inputs(run.attachments, artifacts),
                     )
                 )
             return claims, {r.name for r in runs.values()} | vanished
@@ -1551,9 +1562,9 @@ class CatalogStore:
                 SiteRow.site_metadata,
             )
             if pipeline.scope == int(Scope.PLATE):
-                # A plate stage's one job has no site.
+                # A plate stage's jobs (one, or one per group) have no site.
                 query = select(*columns).outerjoin(SiteRow, SiteRow.id == SiteJobRow.site_id)
-                query = query.where(SiteJobRow.run_id == run.id).limit(size + 1)
+                query = query.where(SiteJobRow.run_id == run.id).order_by(SiteJobRow.id).limit(size + 1)
             else:
                 # Driven by the sites' (plate, row, column, site) index, in
                 # its order, each joined on site_jobs (site, run): a page
@@ -1589,7 +1600,8 @@ class CatalogStore:
                     pipeline.sha256,
                     with_results,
                     scope,
-                    dict(meta or {}),
+                    # A group stage's job: its group's values.
+                    dict(meta or {}) if job.site_id is not None else stages.group_values_of(job.group_key),
                 )
                 for job, well, site, _r, _c, meta in rows[:size]
             ]
@@ -1660,7 +1672,7 @@ class CatalogStore:
                 if not keys:
                     return 0, plate.name
             if pipeline.scope == int(Scope.PLATE):
-                return await self._requeue_stage(session, plate, run, pipeline, bool(keys)), plate.name
+                return await self._requeue_stage(session, plate, run, pipeline, keys), plate.name
             query = (
                 select(SiteJobRow, SiteRow.well, SiteRow.site)
                 .join(SiteRow, SiteRow.id == SiteJobRow.site_id)
@@ -1711,30 +1723,63 @@ class CatalogStore:
         return count
 
     async def _requeue_stage(
-        self, session: AsyncSession, plate: PlateRow, run: RunRow, pipeline: PipelineRow, with_sites: bool
+        self,
+        session: AsyncSession,
+        plate: PlateRow,
+        run: RunRow,
+        pipeline: PipelineRow,
+        keys: Sequence[tuple[int, int, int]],
     ) -> int:
-        """A plate stage's one job runs again, done or failed; the stages
-        after it wait for its new artifacts and run again too."""
-        if with_sites:
-            raise InvalidArgument(
-                f"pipeline {_pipeline_label(pipeline)} is a plate stage of plate {plate.name!r}: "
-                "it has no sites of its own; requeue it without sites"
+        """A plate stage's job runs again, done or failed (a stage that runs
+        per group: every group's job, or, with sites named, the jobs of the
+        groups that hold them); the stages after it wait for its new
+        artifacts and run again too, for those groups only."""
+        jobs = list(
+            await session.scalars(
+                select(SiteJobRow)
+                .where(SiteJobRow.run_id == run.id, SiteJobRow.site_id.is_(None))
+                .order_by(SiteJobRow.id)
+                .with_for_update()
             )
-        job = await session.scalar(
-            select(SiteJobRow)
-            .where(SiteJobRow.run_id == run.id, SiteJobRow.site_id.is_(None))
-            .with_for_update()
         )
-        if job is None or job.state not in (int(SiteState.DONE), int(SiteState.FAILED)):
-            state = "missing" if job is None else SiteState(job.state).name
+        grouped = stages.is_grouped(pipeline.group_by, jobs)
+        if keys:
+            if not grouped:
+                raise InvalidArgument(
+                    f"pipeline {_pipeline_label(pipeline)} is a plate stage of plate {plate.name!r} "
+                    "that runs once over the whole plate: it has no sites of its own; requeue it without sites"
+                )
+            site_ids = await self._site_ids(session, plate.id, keys)
+            unknown = [
+                validate.well_name(r, c) + f" site {s}" for r, c, s in keys if (r, c, s) not in site_ids
+            ]
+            if unknown:
+                raise NotFound(f"plate {plate.name!r} has no {', '.join(unknown[:MAX_ERRORS_LISTED])}")
+            sites = list(
+                await session.scalars(select(SiteRow).where(SiteRow.id.in_(list(site_ids.values()))))
+            )
+            wanted = {stages.site_group_key(pipeline.group_by or [], plate.name, s) for s in sites}
+            jobs = [j for j in jobs if j.group_key in wanted]
+            if not jobs:
+                raise FailedPrecondition(
+                    f"the plate stage {_pipeline_label(pipeline)} of plate {plate.name!r} has no job yet "
+                    f"for {', '.join(sorted(stages.group_label(k) for k in wanted))}; it has not run for them"
+                )
+        settled = [j for j in jobs if j.state in (int(SiteState.DONE), int(SiteState.FAILED))]
+        if not settled or (keys and len(settled) < len(jobs)):
+            busy = [j for j in jobs if j not in settled]
+            state = "missing" if not jobs else SiteState((busy or jobs)[0].state).name
+            which = f" for {stages.group_label((busy or jobs)[0].group_key)}" if jobs and grouped else ""
             raise FailedPrecondition(
-                f"the plate stage {_pipeline_label(pipeline)} of plate {plate.name!r} is {state}; "
+                f"the plate stage {_pipeline_label(pipeline)} of plate {plate.name!r} is {state}{which}; "
                 "only a done or failed stage is requeued"
             )
         now = utcnow()
-        await stages.reset_jobs(session, now, SiteJobRow.id == job.id, state=SiteState.WAITING)
+        count = await stages.reset_jobs(
+            session, now, SiteJobRow.id.in_([j.id for j in settled]), state=SiteState.WAITING
+        )
         await stages.gate_stages(session, plate, now)
-        return 1
+        return count
 
     async def _channel_counts(self, session: AsyncSession, site_ids: Sequence[int]) -> dict[int, int]:
         counts: dict[int, int] = {}

@@ -209,6 +209,10 @@ async def cmd_pipeline_register(client: CellmeshClient, args: argparse.Namespace
     if p.group_by:
         keys = ", ".join(f"Metadata_{k}" for k in p.group_by)
         print(f"  groups    by {keys} (the Groups module)", file=out)
+        if p.scope == types_pb2.PIPELINE_SCOPE_PLATE:
+            print(
+                "            one stage job per group, run as soon as every site of its group is in", file=out
+            )
     for a in p.attachments:
         print(f"  attached  {a.name} ({a.object.size} bytes, sha256 {a.object.sha256[:12]})", file=out)
     for name in p.stage_inputs:
@@ -657,7 +661,8 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         "--site",
         action="append",
         metavar="WELL/SITE",
-        help="e.g. A01/0 (repeat; default: every failed site); a running site is taken from its worker",
+        help="e.g. A01/0 (repeat; default: every failed site); a running site is taken from its worker; "
+        "with --pipeline of a plate stage that runs per group: the job of that site's group",
     )
     p.add_argument("--pipeline", metavar="SHA", help="the pipeline (default: the plate's first)")
     p.add_argument(

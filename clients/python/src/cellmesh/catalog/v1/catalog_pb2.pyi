@@ -1771,8 +1771,9 @@ class SiteJob(_message.Message):
     execution_id: _builtins.str
     """The execution that holds (or last held) the current attempt."""
     scope: _types_pb2.PipelineScope.ValueType
-    """SITE for a site's job; PLATE for a plate-scope stage's one job, whose
-    `site` has the plate's name and an empty well.
+    """SITE for a site's job; PLATE for a plate-scope stage's job (one per
+    plate, or one per group when its pipeline groups), whose `site` has the
+    plate's name and an empty well.
     """
     @_builtins.property
     def site(self) -> _types_pb2.SiteRef:
@@ -1800,8 +1801,9 @@ class SiteJob(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The site's metadata (see ImageRegistration.metadata); empty for a plate
-        stage's job.
+        """The site's metadata (see ImageRegistration.metadata). For the job of a
+        plate stage that runs per group: the values of its group (e.g.
+        {"Batch": "B1"}, by Pipeline.group_by); empty for a whole-plate stage.
         """
 
     def __init__(
@@ -1930,7 +1932,9 @@ class RequeueSitesRequest(_message.Message):
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SiteRef]:
         """These sites (any state; a running one is taken from its worker); empty
-        means every FAILED site.
+        means every FAILED site. For a plate stage: empty runs every done or
+        failed job of it again; a stage that runs per group takes sites too, and
+        runs the jobs of their groups again.
         """
 
     def __init__(
