@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -142,7 +141,7 @@ async def test_each_batch_s_illumination_stage_runs_on_its_own_sites_and_feeds_o
     illum_text = grouped_illum()
     mesh = await start_mesh(options(tmp_path / "mesh", workers=2))
     try:
-        async with grpc.aio.insecure_channel(mesh.catalog_addr) as channel, ObjectStore(mesh.s3) as store:
+        async with mesh.channel() as channel, ObjectStore(mesh.s3) as store:
             catalog = catalog_stub(channel)
             illum = (
                 await catalog.RegisterPipeline(
