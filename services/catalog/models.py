@@ -94,6 +94,11 @@ class PlateRow(Base):
     reduce_with_failures: Mapped[bool] = mapped_column(Boolean, default=False)
     image_count: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime]
+    # The plate map ({"sha256", "source_name", "columns", "located_by",
+    # "registered_at", "wells": [[well, [value per column]], ...]}); NULL: none.
+    platemap: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The QC gate of its reports (domain.PlateInfo.qc_gate); NULL: none.
+    qc_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunRow(Base):
@@ -222,3 +227,5 @@ class ReportRow(Base):
     sites: Mapped[int] = mapped_column(Integer)
     missing_sites: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[datetime]
+    # The report's QC verdict (domain.Report.qc); NULL: not gated.
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
