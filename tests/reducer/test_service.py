@@ -163,6 +163,7 @@ async def test_reduce_run_stores_and_registers_the_report(mesh: Mesh, tmp_path: 
         "cells_per_well.csv": catalog_pb2.REPORT_FILE_KIND_WELL_TABLE,
         "summary.json": catalog_pb2.REPORT_FILE_KIND_SUMMARY_JSON,
         "heatmap_cells_per_well.png": catalog_pb2.REPORT_FILE_KIND_HEATMAP_PNG,
+        "qc.html": catalog_pb2.REPORT_FILE_KIND_QC_PAGE,  # without a plate map it says so
     }
     prefix = f"reports/P1/{SHA[:12]}/g12/"
     blobs = {}
