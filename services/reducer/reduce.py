@@ -629,7 +629,9 @@ def _write_table(
             csv_out = stack.enter_context(pacsv.CSVWriter(sink, schema))
         wells_fh = stack.enter_context(wells_path.open("w", newline=""))
         wells_csv = csv.writer(wells_fh, lineterminator="\n")
-        map_names = [f.name for f in map_fields]
+        # Every map column goes into the per-well table (it has no other
+        # Metadata columns), also one the object table has from its pipeline.
+        map_names = list(platemap.columns) if platemap is not None else []
         wells_csv.writerow([META_PLATE, META_WELL, *map_names, OBJECT_COUNT, *out_names])
 
         # The CSV copy is written in a second thread, one chunk behind.
@@ -650,7 +652,7 @@ def _write_table(
             wells_csv.writerow(
                 [current[0], current[1], *annotation, rows, *_float_text(_median(parts, len(columns)))]
             )
-            well_means[current[1]] = _mean_rows(site_means, len(columns))
+            well_means[current[1]] = _mean_rows([np.vstack(site_means)], len(columns))
             if count_index is not None:
                 finite = [v for v in count_sum if v == v]
                 counts.sums[current[1]] = float(sum(finite)) if finite else math.nan
