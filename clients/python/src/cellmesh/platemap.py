@@ -53,8 +53,8 @@ _COLUMN_COLUMNS = (
 )
 _IMAGE_NUMBER_COLUMNS = ("imagenumber", "image_number", "metadata_imagenumber")
 _DROPPED = ("plate", "metadata_plate")
-_WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$", re.ASCII)
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", re.ASCII)
 MAX_ROWS = 32
 MAX_WELL_COLUMNS = 48
 
@@ -120,11 +120,15 @@ def _find(header: Sequence[str], names: Sequence[str]) -> int | None:
 
 def _row_index(text: str) -> int:
     t = text.strip()
-    if t.isdigit():
+    if _digits(t):
         return int(t) - 1
-    if re.fullmatch(r"[A-Za-z]{1,2}", t):
+    if re.fullmatch(r"[A-Za-z]{1,2}", t, re.ASCII):
         return well_position(f"{t}01")[0]
     raise PlateMapError(f"well row {text!r} is neither a letter (A) nor a number (1)")
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 9
 
 
 def sha256(content: bytes) -> str:
@@ -145,7 +149,10 @@ def parse(content: bytes, *, rows: int = 0, columns: int = 0) -> PlateMap:
     if not lines:
         raise PlateMapError("the plate map is empty: give a header row and one row per well")
     delimiter = "\t" if "\t" in lines[0] and "," not in lines[0] else ","
-    table = list(csv.reader(lines, delimiter=delimiter))
+    try:
+        table = list(csv.reader(lines, delimiter=delimiter))
+    except csv.Error as exc:
+        raise PlateMapError(f"the plate map is not a readable CSV ({exc})") from None
     header = [h.strip() for h in table[0]]
     body = table[1:]
     if any(not h for h in header):
@@ -213,14 +220,14 @@ def parse(content: bytes, *, rows: int = 0, columns: int = 0) -> PlateMap:
             well = _well(r, c, rows, columns, f"{where}: well {raw!r}")
         elif len(locating) == 2:
             raw_r, raw_c = row[locating[0]].strip(), row[locating[1]].strip()
-            if not raw_c.isdigit():
+            if not _digits(raw_c):
                 raise PlateMapError(f"{where}: well column {raw_c!r} is not a number")
             well = _well(
                 _row_index(raw_r), int(raw_c), rows, columns, f"{where}: row {raw_r!r} column {raw_c!r}"
             )
         else:
             raw = row[locating[0]].strip()
-            if not raw.isdigit() or int(raw) < 1:
+            if not _digits(raw) or int(raw) < 1:
                 raise PlateMapError(f"{where}: image number {raw!r} is not a number from 1")
             n = int(raw) - 1
             well = _well(n // columns, n % columns + 1, rows, columns, f"{where}: image number {raw}")
