@@ -169,3 +169,28 @@ async def test_image_numbers_need_a_layout_and_gates_are_checked(catalog: Catalo
     ).plate
     assert plate.qc_gate.max_failed_share == 0.25 and not plate.qc_gate.HasField("min_z_prime")
     assert not plate.HasField("plate_map")
+
+
+async def test_a_report_keeps_its_qc_verdict(catalog: Catalog) -> None:
+    from tests.catalog.kit import claim_all, new_plate, ready_sites, run_to_done
+    from tests.catalog.test_catalog_progress import claim_runs, report
+
+    layout = catalog_pb2.PlateLayout(rows=8, columns=12, sites_per_well=1, wells=["A01"])
+    await new_plate(catalog.stub, "P1", layout=layout)
+    await ready_sites(catalog.stub, "P1", 1)
+    (claim,) = await claim_all(catalog.stub)
+    await run_to_done(catalog.stub, claim)
+    (run,) = await claim_runs(catalog)
+    made = report(run, sites=1)
+    made.qc.CopyFrom(
+        catalog_pb2.PlateQc(
+            gated=True, passed=False, failures=["Z' of Nuclei_Math_Ratio1 is 0.12, below 0.5"], z_prime=0.12
+        )
+    )
+    stored = (
+        await catalog.stub.RegisterPlateReport(catalog_pb2.RegisterPlateReportRequest(report=made))
+    ).report
+    got = (await catalog.stub.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate="P1"))).report
+    for r in (stored, got):
+        assert r.qc.gated and not r.qc.passed and r.qc.z_prime == 0.12
+        assert list(r.qc.failures) == ["Z' of Nuclei_Math_Ratio1 is 0.12, below 0.5"]

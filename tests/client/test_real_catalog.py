@@ -275,3 +275,37 @@ async def test_cli_registers_a_plate_map_with_the_plate_and_later(
     assert code == 0, err
     assert "plate map             jump.csv: 2 wells by well column well_position" in out
     assert "QC gate               Z' of Nuclei_Math_Ratio1" in out  # the gate stays
+
+
+async def test_cli_follow_shows_a_failed_qc_gate(
+    catalog_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import grpc
+    from cellmesh.catalog.v1 import catalog_pb2
+
+    from tests.catalog.kit import claim_all, new_plate, ready_sites, run_to_done
+    from tests.catalog.test_catalog_progress import report
+
+    async with grpc.aio.insecure_channel(catalog_address) as channel:
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        layout = catalog_pb2.PlateLayout(rows=8, columns=12, sites_per_well=1, wells=["A01"])
+        await new_plate(stub, "P1", layout=layout)
+        await ready_sites(stub, "P1", 1)
+        (claim,) = await claim_all(stub)
+        await run_to_done(stub, claim)
+        (run,) = (
+            await stub.ClaimReducibleRuns(
+                catalog_pb2.ClaimReducibleRunsRequest(scheduler_id="s1", max_runs=1, lease_seconds=60)
+            )
+        ).claims
+        made = report(run, sites=1)
+        made.qc.CopyFrom(
+            catalog_pb2.PlateQc(
+                gated=True, passed=False, failures=["Z' of Nuclei_Math_Ratio1 is 0.12, below 0.5"]
+            )
+        )
+        await stub.RegisterPlateReport(catalog_pb2.RegisterPlateReportRequest(report=made))
+    code = await asyncio.to_thread(main, ["--catalog", catalog_address, "follow", "P1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "QC gate FAILED: Z' of Nuclei_Math_Ratio1 is 0.12, below 0.5" in out
