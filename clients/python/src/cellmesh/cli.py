@@ -214,6 +214,11 @@ def _print_report(report: catalog_pb2.PlateReport, bucket: str, out: TextIO) -> 
     )
     for item in report.files:
         print(f"  s3://{bucket}/{item.object.key}  ({item.object.size} bytes)", file=out)
+    if report.HasField("qc") and report.qc.gated:
+        if report.qc.passed:
+            print("QC gate passed", file=out)
+        else:
+            print(f"QC gate FAILED: {'; '.join(report.qc.failures)}", file=out)
     if report.missing_sites:
         print(f"  {len(report.missing_sites)} site(s) not in the report:", file=out)
         for m in report.missing_sites:
@@ -479,11 +484,6 @@ async def cmd_follow(client: CellmeshClient, args: argparse.Namespace, out: Text
         )
     report = await client.report(plate.name, last.report_version, last.pipeline_sha256)
     _print_report(report, ObjectStoreConfig.discover().bucket, out)
-    if report.HasField("qc") and report.qc.gated:
-        if report.qc.passed:
-            print("QC gate passed", file=out)
-        else:
-            print(f"QC gate FAILED: {'; '.join(report.qc.failures)}", file=out)
     print(f"fetch it with: cellmesh report {plate.name} --version {report.version} --out DIR", file=out)
 
 
