@@ -186,8 +186,8 @@ def parse(content: bytes, *, rows: int = 0, columns: int = 0) -> PlateMap:
     # Columns that only say where the well is go; so does an image number
     # when the well is given otherwise (it numbers images, not treatments).
     dropped = set(locating)
-    for names in (_ROW_COLUMNS, _COLUMN_COLUMNS, _IMAGE_NUMBER_COLUMNS, _WELL_COLUMNS, _DROPPED):
-        at = _find(header, names)
+    for aliases in (_ROW_COLUMNS, _COLUMN_COLUMNS, _IMAGE_NUMBER_COLUMNS, _WELL_COLUMNS, _DROPPED):
+        at = _find(header, aliases)
         if at is not None:
             dropped.add(at)
     keep = [i for i in range(len(header)) if i not in dropped]
