@@ -24,4 +24,4 @@ echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "== mypy"
-.venv/bin/mypy services clients/python/src/cellmesh/client.py clients/python/src/cellmesh/cli.py clients/python/src/cellmesh/ingest.py 2>&1 | tail -n 30
+.venv/bin/mypy services clients/python/src/cellmesh/client.py clients/python/src/cellmesh/cli.py clients/python/src/cellmesh/ingest.py clients/python/src/cellmesh/platemap.py 2>&1 | tail -n 30

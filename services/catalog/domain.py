@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
+from typing import Any
 
 
 class CatalogError(Exception):
@@ -150,6 +151,11 @@ class PlateInfo:
     image_count: int
     # Who created the plate ("" when not known).
     created_by: str = ""
+    #: The plate map as stored (`store._platemap_json`), or None.
+    plate_map: dict[str, Any] | None = None
+    #: The QC gate as stored ({"feature", "min_z_prime", "max_failed_share",
+    #: "control_column", "dose_column"}), or None.
+    qc_gate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,8 @@ class Report:
     missing_sites: list[MissingSite]
     version: int = 0
     created_at: datetime | None = None
+    #: The QC verdict ({"gated", "passed", "failures", "z_prime", "failed_share"}), or None.
+    qc: dict[str, Any] | None = None
 
 
 PIPELINE_MANIFEST_HEADER = "cellmesh pipeline v1"

@@ -97,6 +97,11 @@ class PlateRow(Base):
     # Who created it (the caller's token or certificate name; None before
     # migration 0009 or with AUTH=off): a scientist may requeue only their own.
     created_by: Mapped[str | None] = mapped_column(String(200))
+    # The plate map ({"sha256", "source_name", "columns", "located_by",
+    # "registered_at", "wells": [[well, [value per column]], ...]}); NULL: none.
+    platemap: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The QC gate of its reports (domain.PlateInfo.qc_gate); NULL: none.
+    qc_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunRow(Base):
@@ -250,3 +255,5 @@ class ReportRow(Base):
     sites: Mapped[int] = mapped_column(Integer)
     missing_sites: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[datetime]
+    # The report's QC verdict (domain.Report.qc); NULL: not gated.
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

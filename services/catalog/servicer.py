@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import grpc
-from cellmesh import keys
+from cellmesh import keys, platemap
 from cellmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from cellmesh.common.v1 import types_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -302,6 +303,10 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             if request.HasField("layout"):
                 lay = request.layout
                 layout = d.Layout(lay.rows, lay.columns, lay.sites_per_well, lay.first_site, list(lay.wells))
+            plate_map = None
+            if request.HasField("plate_map"):
+                plate_map = _platemap_json(request.plate_map, layout)
+            gate = _qc_gate_json(request.qc_gate) if request.HasField("qc_gate") else None
             plate = await self.store.create_plate(
                 request.name,
                 list(request.channels),
@@ -309,8 +314,26 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 request.pipeline_sha256,
                 request.reduce_with_failures,
                 created_by=caller.name if (caller := auth.current_caller()) is not None else "",
+                plate_map=plate_map,
+                qc_gate=gate,
             )
             return catalog_pb2.CreatePlateResponse(plate=_plate(plate))
+
+    async def SetPlateMap(
+        self, request: catalog_pb2.SetPlateMapRequest, context: Context
+    ) -> catalog_pb2.SetPlateMapResponse:
+        async with self._errors(context):
+            if not request.plate:
+                raise d.InvalidArgument("plate is required: the name of the plate the map describes")
+            if not request.HasField("plate_map") and not request.HasField("qc_gate"):
+                raise d.InvalidArgument("give a plate_map, a qc_gate or both")
+            current = await self.store.get_plate(request.plate)
+            plate_map = None
+            if request.HasField("plate_map"):
+                plate_map = _platemap_json(request.plate_map, current.layout)
+            gate = _qc_gate_json(request.qc_gate) if request.HasField("qc_gate") else None
+            plate = await self.store.set_plate_map(request.plate, plate_map, gate)
+            return catalog_pb2.SetPlateMapResponse(plate=_plate(plate))
 
     async def GetPlate(
         self, request: catalog_pb2.GetPlateRequest, context: Context
@@ -697,7 +720,107 @@ def _plate(p: d.PlateInfo) -> catalog_pb2.Plate:
         reduce_with_failures=p.reduce_with_failures,
         created_at=_ts(p.created_at),
         image_count=p.image_count,
+        plate_map=_platemap(p.plate_map) if p.plate_map else None,
+        qc_gate=_qc_gate(p.qc_gate) if p.qc_gate else None,
     )
+
+
+def _platemap_json(upload: catalog_pb2.PlateMapUpload, layout: d.Layout | None) -> dict[str, Any]:
+    """The map as the store keeps it, read against the plate's layout."""
+    if not upload.content:
+        raise d.InvalidArgument("plate_map.content is empty: give the plate map's CSV file")
+    if len(upload.source_name) > 255:
+        raise d.InvalidArgument("plate_map.source_name is longer than 255 characters")
+    rows, columns = (layout.rows, layout.columns) if layout is not None else (0, 0)
+    try:
+        parsed = platemap.parse(upload.content, rows=rows, columns=columns)
+    except platemap.PlateMapError as exc:
+        raise d.InvalidArgument(f"plate map {upload.source_name or ''}: {exc}".replace(" :", ":")) from None
+    return {
+        "sha256": platemap.sha256(upload.content),
+        "source_name": upload.source_name,
+        "columns": list(parsed.columns),
+        "located_by": parsed.located_by,
+        "registered_at": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+        "wells": [[w, [v[c] for c in parsed.columns]] for w, v in parsed.wells.items()],
+    }
+
+
+def _platemap(m: dict[str, Any]) -> catalog_pb2.PlateMap:
+    columns = list(m["columns"])
+    return catalog_pb2.PlateMap(
+        sha256=m["sha256"],
+        source_name=m.get("source_name", ""),
+        columns=columns,
+        located_by=m.get("located_by", ""),
+        registered_at=_ts(datetime.fromisoformat(m["registered_at"])),
+        wells=[
+            catalog_pb2.PlateMapWell(well=w, values=dict(zip(columns, values, strict=True)))
+            for w, values in m["wells"]
+        ],
+    )
+
+
+def _qc_gate_json(g: catalog_pb2.QcGate) -> dict[str, Any]:
+    problems = []
+    if g.HasField("min_z_prime"):
+        if not math.isfinite(g.min_z_prime) or g.min_z_prime > 1:
+            problems.append(f"qc_gate.min_z_prime {g.min_z_prime} is not a number up to 1 (Z' is at most 1)")
+        if not g.feature:
+            problems.append("qc_gate.min_z_prime needs qc_gate.feature: the feature whose Z' is checked")
+    if g.HasField("max_failed_share") and not 0 <= g.max_failed_share <= 1:
+        problems.append(f"qc_gate.max_failed_share {g.max_failed_share} is not a share from 0 to 1")
+    for name, value in (
+        ("feature", g.feature),
+        ("control_column", g.control_column),
+        ("dose_column", g.dose_column),
+    ):
+        if len(value) > 200 or any(ord(ch) < 32 for ch in value):
+            problems.append(f"qc_gate.{name} is longer than 200 characters or holds control characters")
+    if problems:
+        raise d.InvalidArgument("; ".join(problems))
+    return {
+        "feature": g.feature,
+        "min_z_prime": g.min_z_prime if g.HasField("min_z_prime") else None,
+        "max_failed_share": g.max_failed_share if g.HasField("max_failed_share") else None,
+        "control_column": g.control_column,
+        "dose_column": g.dose_column,
+    }
+
+
+def _qc_gate(g: dict[str, Any]) -> catalog_pb2.QcGate:
+    out = catalog_pb2.QcGate(
+        feature=g.get("feature", ""),
+        control_column=g.get("control_column", ""),
+        dose_column=g.get("dose_column", ""),
+    )
+    if g.get("min_z_prime") is not None:
+        out.min_z_prime = float(g["min_z_prime"])
+    if g.get("max_failed_share") is not None:
+        out.max_failed_share = float(g["max_failed_share"])
+    return out
+
+
+def _qc_json(q: catalog_pb2.PlateQc) -> dict[str, Any]:
+    return {
+        "gated": q.gated,
+        "passed": q.passed,
+        "failures": list(q.failures),
+        "z_prime": q.z_prime if q.HasField("z_prime") else None,
+        "failed_share": q.failed_share,
+    }
+
+
+def _qc(q: dict[str, Any]) -> catalog_pb2.PlateQc:
+    out = catalog_pb2.PlateQc(
+        gated=bool(q.get("gated")),
+        passed=bool(q.get("passed")),
+        failures=list(q.get("failures") or []),
+        failed_share=float(q.get("failed_share") or 0.0),
+    )
+    if q.get("z_prime") is not None:
+        out.z_prime = float(q["z_prime"])
+    return out
 
 
 def _site_ref(s: d.SiteKey) -> types_pb2.SiteRef:
@@ -827,6 +950,7 @@ def _report_in(r: catalog_pb2.PlateReport) -> d.Report:
         missing_sites=[
             d.MissingSite(m.site.well, m.site.site, _state_in(m.state), m.reason) for m in r.missing_sites
         ],
+        qc=_qc_json(r.qc) if r.HasField("qc") else None,
     )
 
 
@@ -855,4 +979,5 @@ def _report(r: d.Report) -> catalog_pb2.PlateReport:
         ],
         created_at=_ts(r.created_at),
         generation=r.generation,
+        qc=_qc(r.qc) if r.qc else None,
     )

@@ -359,7 +359,11 @@ class CatalogStore:
         pipeline_sha256: str,
         reduce_with_failures: bool,
         created_by: str = "",
+        plate_map: dict[str, Any] | None = None,
+        qc_gate: dict[str, Any] | None = None,
     ) -> PlateInfo:
+        """`plate_map` and `qc_gate` come checked (the servicer reads the
+        map with cellmesh.platemap against the layout)."""
         _check(validate.check_plate_name, name)
         channels = _check_channels(channels)
         expected = _layout_sites(layout) if layout is not None else []
@@ -377,6 +381,8 @@ class CatalogStore:
                     and existing.layout == (None if layout is None else _layout_json(layout))
                     and bool(existing.reduce_with_failures) == reduce_with_failures
                     and first == pipeline.id
+                    and _map_sha(existing.platemap) == _map_sha(plate_map)
+                    and existing.qc_gate == qc_gate
                 ):
                     # The same request again (its reply was lost): the plate it made.
                     return await self._plate_info(session, existing)
@@ -394,6 +400,8 @@ class CatalogStore:
                 image_count=0,
                 created_at=now,
                 created_by=created_by[:200] or None,
+                platemap=plate_map,
+                qc_gate=qc_gate,
             )
             session.add(plate)
             await session.flush()
@@ -419,6 +427,25 @@ class CatalogStore:
             info = await self._run(work)
         except IntegrityError as exc:
             raise AlreadyExists(f"plate {name!r} exists already; choose another name") from exc
+        self.changes.notify([name])
+        return info
+
+    async def set_plate_map(
+        self, name: str, plate_map: dict[str, Any] | None, qc_gate: dict[str, Any] | None
+    ) -> PlateInfo:
+        """Replaces a plate's map and/or QC gate (None keeps the current one).
+        Both come checked: the servicer reads the map against the plate's layout."""
+
+        async def work(session: AsyncSession) -> PlateInfo:
+            plate = await self._require_plate(session, name, lock=True)
+            if plate_map is not None:
+                plate.platemap = plate_map
+            if qc_gate is not None:
+                plate.qc_gate = qc_gate
+            await session.flush()
+            return await self._plate_info(session, plate)
+
+        info = await self._run(work)
         self.changes.notify([name])
         return info
 
@@ -2057,6 +2084,7 @@ class CatalogStore:
                     for m in report.missing_sites
                 ],
                 created_at=utcnow(),
+                qc=report.qc,
             )
             session.add(row)
             run.reduced_generation = report.generation
@@ -2459,7 +2487,13 @@ def _plate_info(plate: PlateRow, pipelines: list[str]) -> PlateInfo:
         created_at=plate.created_at,
         image_count=plate.image_count,
         created_by=plate.created_by or "",
+        plate_map=plate.platemap,
+        qc_gate=plate.qc_gate,
     )
+
+
+def _map_sha(plate_map: dict[str, Any] | None) -> str | None:
+    return None if plate_map is None else str(plate_map.get("sha256"))
 
 
 def _provenance_json(p: Provenance) -> dict[str, Any]:
@@ -2564,6 +2598,7 @@ def _report(row: ReportRow, plate: str, sha: str) -> Report:
         ],
         version=row.version,
         created_at=row.created_at,
+        qc=row.qc,
     )
 
 

@@ -40,8 +40,9 @@ REQUEST_LIMITS: dict[str, int] = {
     _CATALOG + "RegisterPipeline": 40 * MIB,
     # Up to 10,000 image registrations with their metadata.
     _CATALOG + "RegisterImages": 16 * MIB,
-    # A layout of up to 1,536 wells, a plate map, a workflow of stages.
+    # A layout of up to 1,536 wells, a plate map (4 MiB), a workflow of stages.
     _CATALOG + "CreatePlate": 8 * MIB,
+    _CATALOG + "SetPlateMap": 8 * MIB,
     # A site's result files (SaveImages may write many) and provenance.
     _CATALOG + "CompleteSiteJob": 4 * MIB,
     # A report's files.

@@ -65,6 +65,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     # Catalog: what scientists do.
     CATALOG + "RegisterPipeline": WRITE,
     CATALOG + "CreatePlate": WRITE,
+    CATALOG + "SetPlateMap": WRITE,
     CATALOG + "FinishAcquisition": WRITE,
     CATALOG + "AddPlatePipeline": WRITE,
     CATALOG + "RegisterImages": WRITE,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 NUCLEI_PIPELINE = REPO / "examples" / "pipelines" / "nuclei.cppipe"
 BBBC013_PIPELINE = REPO / "examples" / "pipelines" / "bbbc013_nuclei.cppipe"
+BBBC013_MAP = Path("bbbc013_translocation_plate") / "images" / "1049_Metadata.csv"
 BBBC013_NAME = re.compile(
     r"^Channel(?P<Channel>[12])-(?P<Number>\d+)-(?P<WellRow>[A-H])-(?P<WellColumn>\d{2})\.tif$"
 )
@@ -426,6 +427,13 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
                     layout=layout,
                     pipeline_sha256=pipeline.pipeline.ref.sha256,
                     reduce_with_failures=True,
+                    # BBBC013's own plate map: doses and controls in the report, and its QC.
+                    plate_map=catalog_pb2.PlateMapUpload(
+                        content=(options.shared_data / BBBC013_MAP).read_bytes(),
+                        source_name="1049_Metadata.csv",
+                    )
+                    if real
+                    else None,
                 )
             )
             feeder = asyncio.create_task(

@@ -68,13 +68,15 @@ def plate_heatmap(
     value_format: str = "{:.0f}",
     robust: bool = False,
     cmap: str = "viridis",
+    well_labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """A heatmap of one value per well.
 
     `label` names the value (colour bar); `wells_with_missing` get a ×;
     `annotate` writes values in the wells (default: on plates of 96 wells or
     fewer); `robust` spans the colours over the 2nd-98th percentiles so that
-    a few extreme wells do not wash out the rest."""
+    a few extreme wells do not wash out the rest; `well_labels` (from the
+    plate map, e.g. "neg", "d3") are written small under the values."""
     if shape is None:
         shape = infer_shape([*values, *wells_with_missing])
     rows, cols = shape
@@ -132,9 +134,10 @@ def plate_heatmap(
             r, c = well_position(well)
             red, green, blue, _ = colours(norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            tag = (well_labels or {}).get(well, "")
             ax.text(
                 c,
-                r,
+                r - (0.12 if tag else 0.0),
                 value_format.format(value),
                 ha="center",
                 va="center",
@@ -142,6 +145,17 @@ def plate_heatmap(
                 color="white" if dark else "black",
                 zorder=2,
             )
+            if tag:
+                ax.text(
+                    c,
+                    r + 0.26,
+                    tag[:8],
+                    ha="center",
+                    va="center",
+                    fontsize=5.5,
+                    color="white" if dark else "black",
+                    zorder=2,
+                )
     # A well with missing sites gets a red ×: across the well when it has no
     # value, small in its corner (and a red outline) when its value is written.
     big: list[tuple[int, int]] = []
@@ -211,3 +225,75 @@ def png_bytes(fig: Figure, dpi: int = 120) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return buffer.getvalue()
+
+
+CONTROL_COLOURS = {"negative": "#1f77b4", "positive": "#d62728", "sample": "#7f7f7f"}
+
+
+def dose_response(
+    doses: np.ndarray[Any, Any],
+    values: np.ndarray[Any, Any],
+    classes: list[str],
+    fit: list[float] | None,
+    *,
+    title: str,
+    feature: str,
+    dose_label: str,
+) -> Figure:
+    """Per-well values against dose, coloured by control class, with the
+    fitted four-parameter sigmoid and its EC50."""
+    fig = Figure(figsize=(7.0, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, colour in CONTROL_COLOURS.items():
+        pick = [
+            i for i, c in enumerate(classes) if c == name and np.isfinite(values[i]) and np.isfinite(doses[i])
+        ]
+        if pick:
+            ax.scatter(doses[pick], values[pick], color=colour, s=26, label=f"{name} wells", zorder=3)
+    finite = np.isfinite(doses)
+    if fit is not None and finite.any():
+        x = np.linspace(float(np.nanmin(doses)), float(np.nanmax(doses)), 200)
+        bottom, top, ec50, hill = fit
+        with np.errstate(all="ignore"):
+            y = bottom + (top - bottom) / (1 + (x / ec50) ** hill)
+        ax.plot(x, y, color="black", linewidth=1.5, label="four-parameter fit", zorder=2)
+        if math.isfinite(ec50) and np.nanmin(doses) <= ec50 <= np.nanmax(doses):
+            ax.axvline(ec50, color="black", linestyle=":", linewidth=1, label=f"EC50 = {ec50:.3g}")
+    ax.set_xlabel(dose_label)
+    ax.set_ylabel(f"{feature} (per well)")
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def position_effects(
+    values: Mapping[str, float], *, title: str, feature: str, shape: tuple[int, int]
+) -> Figure:
+    """Per-row and per-column trends: the mean (and standard deviation) of a
+    feature over the wells of each row and of each column."""
+    rows, cols = shape
+    grid = np.asarray(value_grid(values, shape).filled(np.nan), dtype=float)
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    for k, (axis, n, labels, name) in enumerate(
+        (
+            (1, rows, [row_label(r) for r in range(rows)], "row"),
+            (0, cols, [str(c + 1) for c in range(cols)], "column"),
+        )
+    ):
+        ax = fig.add_subplot(1, 2, k + 1)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(grid, axis=axis)
+            sd = np.nanstd(grid, axis=axis)
+        x = np.arange(n)
+        ax.errorbar(x, mean, yerr=sd, marker="o", markersize=4, capsize=2, linewidth=1)
+        ax.set_xticks(x, labels, fontsize=7 if n > 16 else 8)
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"mean {feature}" if k == 0 else "")
+        ax.set_title(f"per {name}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return fig

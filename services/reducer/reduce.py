@@ -71,8 +71,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from cellmesh.platemap import PlateMap
 
+from services.reducer import qcreport
 from services.reducer.tables import (
+    ADDED_COLUMNS,
     IMAGE_NUMBER,
     META_PLATE,
     META_WELL,
@@ -106,6 +109,9 @@ class FileKind(StrEnum):
     WELL_TABLE = "well_table"
     HEATMAP_PNG = "heatmap_png"
     SUMMARY_JSON = "summary_json"
+    QC_TABLE = "qc_table"
+    QC_PLOT_PNG = "qc_plot_png"
+    QC_PAGE = "qc_page"
     CPA_DATABASE = "cpa_database"
     CPA_PROPERTIES = "cpa_properties"
 
@@ -213,6 +219,16 @@ class ReduceOutputs:
     #: Wells with missing sites -> how many.
     missing_per_well: dict[str, int]
     summary: dict[str, Any]
+    #: Per-well values for plate QC: the wells (plate order), their values
+    #: (wells x features: the mean over the well's sites of each site's value,
+    #: an object feature's site value being the mean of its finite values, as
+    #: CellProfiler's CalculateStatistics takes it) and the features' names
+    #: (``<table>_<feature>``, e.g. ``Image_Count_Nuclei``, ``Nuclei_Math_Ratio1``).
+    qc_wells: list[str] = field(default_factory=list)
+    qc_values: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty((0, 0)))
+    qc_features: list[str] = field(default_factory=list)
+    #: The plate's QC (statistics, the gate's verdict), for the plots.
+    qc: qcreport.PlateQc | None = None
 
     def find_feature(self, name: str) -> tuple[str, str]:
         """(table, column of wells_<table>.csv) of a feature given as
@@ -592,8 +608,13 @@ def _write_table(
     options: ReduceOptions,
     counts: _WellCounts,
     stop: threading.Event,
-) -> tuple[list[OutputFile], list[str]]:
+    platemap: PlateMap | None = None,
+) -> tuple[list[OutputFile], list[str], dict[str, npt.NDArray[np.float64]]]:
     columns, out_names = feature_columns(schema, name, prefixed)
+    source_schema = schema
+    map_fields = _map_fields(platemap, schema)
+    schema = _annotated_schema(schema, map_fields)
+    well_means: dict[str, npt.NDArray[np.float64]] = {}
     count_index = columns.index(counts.column) if counts.column in columns else None
     files = [OutputFile(f"{name}.parquet", FileKind.OBJECT_TABLE_PARQUET, out_dir / f"{name}.parquet")]
     if options.write_csv:
@@ -610,7 +631,10 @@ def _write_table(
             csv_out = stack.enter_context(pacsv.CSVWriter(sink, schema))
         wells_fh = stack.enter_context(wells_path.open("w", newline=""))
         wells_csv = csv.writer(wells_fh, lineterminator="\n")
-        wells_csv.writerow([META_PLATE, META_WELL, OBJECT_COUNT, *out_names])
+        # Every map column goes into the per-well table (it has no other
+        # Metadata columns), also one the object table has from its pipeline.
+        map_names = list(platemap.columns) if platemap is not None else []
+        wells_csv.writerow([META_PLATE, META_WELL, *map_names, OBJECT_COUNT, *out_names])
 
         # The CSV copy is written in a second thread, one chunk behind.
         csv_thread = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="reduce-csv"))
@@ -620,12 +644,17 @@ def _write_table(
         current: tuple[str, str] | None = None
         parts: list[npt.NDArray[np.float64]] = []
         count_sum: list[float] = []
+        site_means: list[npt.NDArray[np.float64]] = []
 
         def flush_well() -> None:
             if current is None:
                 return
             rows = sum(p.shape[0] for p in parts)
-            wells_csv.writerow([current[0], current[1], rows, *_float_text(_median(parts, len(columns)))])
+            annotation = _map_values(platemap, current[1], map_names)
+            wells_csv.writerow(
+                [current[0], current[1], *annotation, rows, *_float_text(_median(parts, len(columns)))]
+            )
+            well_means[current[1]] = _mean_rows([np.vstack(site_means)], len(columns))
             if count_index is not None:
                 finite = [v for v in count_sum if v == v]
                 counts.sums[current[1]] = float(sum(finite)) if finite else math.nan
@@ -644,7 +673,7 @@ def _write_table(
             if stop.is_set():
                 raise _Stopped
             with ipc.open_file(str(part.path)) as reader:
-                table = conform(reader.read_all(), schema)
+                table = _annotate(conform(reader.read_all(), source_schema), platemap, map_fields, schema)
             part.path.unlink()
             if csv_out is not None:
                 if csv_done is not None:
@@ -660,9 +689,10 @@ def _write_table(
                 key = (run.plate, run.well)
                 if key != current:
                     flush_well()
-                    current, parts, count_sum = key, [], []
+                    current, parts, count_sum, site_means = key, [], [], []
                 rows = matrix[offset : offset + run.rows]
                 parts.append(rows)
+                site_means.append(_mean_rows([rows], len(columns)))
                 if count_index is not None:
                     count_sum += rows[:, count_index].tolist()
                 offset += run.rows
@@ -671,7 +701,82 @@ def _write_table(
         flush_parquet()
         if csv_done is not None:
             csv_done.result()
-    return files, out_names
+    return files, out_names, well_means
+
+
+def _mean_rows(parts: Sequence[npt.NDArray[np.float64]], width: int) -> npt.NDArray[np.float64]:
+    """The column means of the rows' finite values (NaN where there is none)."""
+    matrix = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else np.empty((0, width)))
+    if matrix.shape[0] == 0:
+        return np.full(width, np.nan)
+    finite = np.where(np.isfinite(matrix), matrix, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.asarray(np.nanmean(finite, axis=0), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# The plate map's columns, joined by well (as pycytominer.annotate does)
+
+
+def _map_type(values: Sequence[str]) -> pa.DataType:
+    """int64 if every value is an integer, float64 if every one is a number, else text."""
+    present = [v for v in values if v != ""]
+    if not present:
+        return pa.string()
+    try:
+        ints = [int(v) for v in present]
+    except ValueError:
+        ints = None
+    if ints is not None and all(-(2**63) <= i < 2**63 for i in ints):
+        return pa.int64()
+    try:
+        [float(v) for v in present]
+    except ValueError:
+        return pa.string()
+    return pa.float64()
+
+
+def _map_fields(platemap: PlateMap | None, schema: pa.Schema) -> list[pa.Field]:
+    """The map's columns a table gets: those it does not have already (a
+    pipeline's own Metadata module may have read the same file)."""
+    if platemap is None:
+        return []
+    return [
+        pa.field(c, _map_type([v.get(c, "") for v in platemap.wells.values()]))
+        for c in platemap.columns
+        if c not in schema.names
+    ]
+
+
+def _annotated_schema(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
+    """The schema with the map's columns after the identity columns."""
+    if not fields:
+        return schema
+    names = schema.names
+    at = max((names.index(c) + 1 for c in ADDED_COLUMNS if c in names), default=0)
+    out = list(schema)
+    return pa.schema(out[:at] + list(fields) + out[at:])
+
+
+def _map_values(platemap: PlateMap | None, well: str, names: Sequence[str]) -> list[str]:
+    values = platemap.wells.get(well, {}) if platemap is not None else {}
+    return [values.get(n, "") for n in names]
+
+
+def _annotate(
+    table: pa.Table, platemap: PlateMap | None, fields: Sequence[pa.Field], schema: pa.Schema
+) -> pa.Table:
+    if platemap is None or not fields:
+        return table
+    wells = table.column(META_WELL).to_pylist()
+    added: dict[str, pa.Array] = {}
+    for f in fields:
+        raw = [platemap.wells.get(w, {}).get(f.name, "") if w is not None else "" for w in wells]
+        text = pa.array([v if v != "" else None for v in raw], pa.string())
+        added[f.name] = text if f.type == pa.string() else text.cast(f.type)
+    columns = [added[f.name] if f.name in added else table.column(f.name) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 # --------------------------------------------------------------------------
@@ -689,11 +794,20 @@ def _write_cells_per_well(
     cells: Mapping[str, float],
     sites_per_well: Mapping[str, int],
     missing_per_well: Mapping[str, int],
+    platemap: PlateMap | None = None,
 ) -> None:
+    map_names = list(platemap.columns) if platemap is not None else []
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(
-            [META_PLATE, META_WELL, "Metadata_Sites", "Metadata_Sites_Missing", f"Count_{count_object}"]
+            [
+                META_PLATE,
+                META_WELL,
+                *map_names,
+                "Metadata_Sites",
+                "Metadata_Sites_Missing",
+                f"Count_{count_object}",
+            ]
         )
         for w in wells:
             value = cells[w]
@@ -701,6 +815,7 @@ def _write_cells_per_well(
                 [
                     plate,
                     w,
+                    *_map_values(platemap, w, map_names),
                     sites_per_well.get(w, 0),
                     missing_per_well.get(w, 0),
                     "" if value != value else repr(value),
@@ -744,12 +859,16 @@ async def reduce_plate(
     *,
     missing: Sequence[MissingSite] = (),
     options: ReduceOptions | None = None,
+    platemap: PlateMap | None = None,
+    qc_gate: Mapping[str, Any] | None = None,
 ) -> ReduceOutputs:
     """Reduces one plate's done sites into `out_dir` (see the module's docstring).
 
     `sites` are (plate, well, site, {table name: FileRef}); `missing` are the
-    sites that are not done, reported as such. Raises UnknownFeature when
-    `options.require_features` names a feature no table has."""
+    sites that are not done, reported as such. `platemap`'s columns are
+    joined into every table by well; with it (and `qc_gate`, the catalog's
+    QcGate) the plate's QC goes into summary.json and qc.csv. Raises
+    UnknownFeature when `options.require_features` names a feature no table has."""
     options = options or ReduceOptions()
     ordered = _sorted_sites(sites)
     plates = {s.plate for s in ordered} | {m.plate for m in missing}
@@ -760,7 +879,7 @@ async def reduce_plate(
     spool = out_dir / ".spool"
     await asyncio.to_thread(spool.mkdir, parents=True, exist_ok=True)
     try:
-        return await _reduce(plate, ordered, fetch, out_dir, spool, list(missing), options)
+        return await _reduce(plate, ordered, fetch, out_dir, spool, list(missing), options, platemap, qc_gate)
     finally:
         await asyncio.to_thread(shutil.rmtree, spool, True)
 
@@ -773,6 +892,8 @@ async def _reduce(
     spool: Path,
     missing: list[MissingSite],
     options: ReduceOptions,
+    platemap: PlateMap | None = None,
+    qc_gate: Mapping[str, Any] | None = None,
 ) -> ReduceOutputs:
     chunks: list[_Chunk] = []
     schemas: dict[str, _Schema] = {}
@@ -841,14 +962,24 @@ async def _reduce(
     files: list[OutputFile] = []
     table_summaries: dict[str, TableSummary] = {}
     object_rows: dict[str, dict[str, int]] = {}
+    qc_parts: list[tuple[list[str], dict[str, npt.NDArray[np.float64]]]] = []
     for name, schema in final.items():
         table_counts = counts if name == options.image_table else _WellCounts()
-        written, _ = await _in_thread(
+        written, names, means = await _in_thread(
             functools.partial(
-                _write_table, name, schema, schemas[name].prefixed, chunks, out_dir, options, table_counts
+                _write_table,
+                name,
+                schema,
+                schemas[name].prefixed,
+                chunks,
+                out_dir,
+                options,
+                table_counts,
+                platemap=platemap,
             )
         )
         files += written
+        qc_parts.append((names, means))
         runs = [r for c in chunks if name in c.tables for r in c.tables[name].runs]
         per_well: dict[str, int] = {}
         for r in runs:
@@ -890,8 +1021,37 @@ async def _reduce(
             cells,
             sites_per_well,
             missing_per_well,
+            platemap,
         )
         files.append(OutputFile(path.name, FileKind.WELL_TABLE, path))
+
+    # Plate QC from the per-well values of every table.
+    qc_features = [n for names, _ in qc_parts for n in names]
+    qc_values = np.full((len(wells), len(qc_features)), np.nan)
+    offset = 0
+    for names, means in qc_parts:
+        for i, w in enumerate(wells):
+            if w in means:
+                qc_values[i, offset : offset + len(names)] = means[w]
+        offset += len(names)
+    missing_json = [
+        {"well": m.well, "site": m.site, "state": m.state, "reason": m.reason}
+        for m in sorted(missing, key=lambda m: (well_position(m.well), m.site))
+    ]
+    plate_qc = await asyncio.to_thread(
+        qcreport.evaluate,
+        wells,
+        qc_values,
+        qc_features,
+        platemap,
+        qcreport.Gate.of(qc_gate) if qc_gate else None,
+        sites_reduced=len(reduced),
+        missing=missing_json,
+    )
+    if plate_qc.rows:
+        qc_path = out_dir / "qc.csv"
+        await asyncio.to_thread(qcreport.write_table, qc_path, plate_qc)
+        files.append(OutputFile(qc_path.name, FileKind.QC_TABLE, qc_path))
 
     summary: dict[str, Any] = {
         "plate": plate,
@@ -900,10 +1060,7 @@ async def _reduce(
         "wells": len(wells),
         "well_names": wells,
         "sites": len(reduced),
-        "missing_sites": [
-            {"well": m.well, "site": m.site, "state": m.state, "reason": m.reason}
-            for m in sorted(missing, key=lambda m: (well_position(m.well), m.site))
-        ],
+        "missing_sites": missing_json,
         "count_object": count_object,
         "count_source": count_source,
         "tables": {
@@ -921,6 +1078,16 @@ async def _reduce(
             "median of every numeric non-Metadata column per (Metadata_Plate, Metadata_Well), "
             "as pycytominer.aggregate(operation='median', compute_object_count=True)"
         ),
+        "platemap": None
+        if platemap is None
+        else {
+            "columns": list(platemap.columns),
+            "wells": len(platemap.wells),
+            "reduced_wells_not_in_map": [w for w in wells if w not in platemap.wells],
+            "joined": "by Metadata_Well into every table, as pycytominer.annotate; a column a table "
+            "has already (from the pipeline's own Metadata module) is kept as the table has it",
+        },
+        "qc": plate_qc.summary,
     }
     summary_path = out_dir / "summary.json"
     await asyncio.to_thread(summary_path.write_text, json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -938,4 +1105,8 @@ async def _reduce(
         cells_per_well=cells,
         missing_per_well=missing_per_well,
         summary=summary,
+        qc_wells=wells,
+        qc_values=qc_values,
+        qc_features=qc_features,
+        qc=plate_qc,
     )

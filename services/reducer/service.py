@@ -64,11 +64,12 @@ from cellmesh import cpa as cpa_names
 from cellmesh import keys, pages
 from cellmesh.catalog.v1 import catalog_pb2
 from cellmesh.common.v1 import types_pb2
+from cellmesh.platemap import PlateMap
 from cellmesh.reducer.v1 import reducer_pb2, reducer_pb2_grpc
 
 from services.common.retry import GaveUp, with_backoff
 from services.common.s3 import ObjectStore, ObjectStoreError, ObjectStoreMisconfigured, StoreGate
-from services.reducer import cpa, plots
+from services.reducer import cpa, plots, qcpage
 from services.reducer.reduce import (
     FileKind,
     FileRef,
@@ -96,6 +97,9 @@ _KINDS = {
     FileKind.WELL_TABLE: catalog_pb2.REPORT_FILE_KIND_WELL_TABLE,
     FileKind.HEATMAP_PNG: catalog_pb2.REPORT_FILE_KIND_HEATMAP_PNG,
     FileKind.SUMMARY_JSON: catalog_pb2.REPORT_FILE_KIND_SUMMARY_JSON,
+    FileKind.QC_TABLE: catalog_pb2.REPORT_FILE_KIND_QC_TABLE,
+    FileKind.QC_PLOT_PNG: catalog_pb2.REPORT_FILE_KIND_QC_PLOT_PNG,
+    FileKind.QC_PAGE: catalog_pb2.REPORT_FILE_KIND_QC_PAGE,
     FileKind.CPA_DATABASE: catalog_pb2.REPORT_FILE_KIND_CPA_DATABASE,
     FileKind.CPA_PROPERTIES: catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES,
 }
@@ -107,6 +111,7 @@ _CONTENT_TYPES = {
     ".json": "application/json",
     ".sqlite": "application/vnd.sqlite3",
     ".properties": "text/plain",
+    ".html": "text/html; charset=utf-8",
 }
 # Files of a site job that are not per-object tables.
 _NOT_TABLES = (
@@ -164,6 +169,34 @@ class _Run:
     sites: list[SiteInput]
     missing: list[MissingSite]
     cp_versions: list[str]
+
+    @property
+    def platemap(self) -> PlateMap | None:
+        return platemap_of(self.plate)
+
+    @property
+    def qc_gate(self) -> dict[str, Any] | None:
+        if not self.plate.HasField("qc_gate"):
+            return None
+        g = self.plate.qc_gate
+        return {
+            "feature": g.feature,
+            "min_z_prime": g.min_z_prime if g.HasField("min_z_prime") else None,
+            "max_failed_share": g.max_failed_share if g.HasField("max_failed_share") else None,
+            "control_column": g.control_column,
+            "dose_column": g.dose_column,
+        }
+
+
+def platemap_of(plate: catalog_pb2.Plate) -> PlateMap | None:
+    """The plate's map as the reducer joins it, or None."""
+    if not plate.HasField("plate_map"):
+        return None
+    m = plate.plate_map
+    columns = tuple(m.columns)
+    return PlateMap(
+        columns, {w.well: {c: w.values.get(c, "") for c in columns} for w in m.wells}, m.located_by
+    )
 
 
 class Reducer:
@@ -324,7 +357,13 @@ class Reducer:
         try:
             started = time.perf_counter()
             outputs = await reduce_plate(
-                info.sites, self._fetch, work / "out", missing=info.missing, options=options
+                info.sites,
+                self._fetch,
+                work / "out",
+                missing=info.missing,
+                options=options,
+                platemap=info.platemap,
+                qc_gate=info.qc_gate,
             )
             files = outputs.files + await asyncio.to_thread(_draw, outputs, info, features, when)
             files += await self._cpa(outputs, info, work)
@@ -368,6 +407,18 @@ class Reducer:
             ],
             generation=generation,
         )
+        verdict = outputs.qc.verdict if outputs.qc is not None else None
+        if verdict is not None:
+            report.qc.CopyFrom(
+                catalog_pb2.PlateQc(
+                    gated=True,
+                    passed=bool(verdict["passed"]),
+                    failures=list(verdict["failures"]),
+                    failed_share=float(verdict["failed_share"]),
+                )
+            )
+            if verdict["z_prime"] is not None:
+                report.qc.z_prime = float(verdict["z_prime"])
         try:
             reply = await self._catalog.RegisterPlateReport(
                 catalog_pb2.RegisterPlateReportRequest(report=report), timeout=CATALOG_TIMEOUT
@@ -491,6 +542,9 @@ def _inputs_digest(info: _Run, options: ReduceOptions, image_url_prepend: str) -
     for m in sorted(info.missing, key=lambda m: (m.well, m.site)):
         digest.update(f"missing {m.well}/{m.site}/{m.state}/{m.reason}\n".encode())
     digest.update(repr(sorted((k, repr(v)) for k, v in vars(options).items())).encode())
+    if info.plate.HasField("plate_map"):
+        digest.update(f"platemap {info.plate.plate_map.sha256}\n".encode())
+    digest.update(f"qc gate {sorted((info.qc_gate or {}).items())}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -508,11 +562,12 @@ def _draw(outputs: ReduceOutputs, info: _Run, features: Sequence[str], when: str
     )
     missing = list(outputs.missing_per_well)
     drawn: list[OutputFile] = []
+    labels = qcpage.well_labels(info.platemap, outputs.qc)
 
-    def save(name: str, fig: Any) -> None:
+    def save(name: str, fig: Any, kind: FileKind = FileKind.HEATMAP_PNG) -> None:
         path = outputs.out_dir / name
         path.write_bytes(plots.png_bytes(fig))
-        drawn.append(OutputFile(name, FileKind.HEATMAP_PNG, path))
+        drawn.append(OutputFile(name, kind, path))
 
     if outputs.count_object is not None:
         fig = plots.plate_heatmap(
@@ -521,6 +576,7 @@ def _draw(outputs: ReduceOutputs, info: _Run, features: Sequence[str], when: str
             label=f"{outputs.count_object} per well (sum over sites)",
             wells_with_missing=missing,
             shape=shape,
+            well_labels=labels,
         )
         save("heatmap_cells_per_well.png", fig)
     for feature in features:
@@ -533,8 +589,11 @@ def _draw(outputs: ReduceOutputs, info: _Run, features: Sequence[str], when: str
             shape=shape,
             value_format="{:.3g}",
             robust=True,
+            well_labels=labels,
         )
         save(f"heatmap_{column}.png", fig)
+    if outputs.qc is not None:
+        drawn += qcpage.draw(outputs, outputs.qc, shape, subtitle, labels)
     return drawn
 
 

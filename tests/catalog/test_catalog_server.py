@@ -110,7 +110,7 @@ async def test_migrate_then_serve_then_stop(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr.decode()
-    assert await migrate.current(database_url) == "0011"
+    assert await migrate.current(database_url) == "0012"
 
     proc = catalog_process(env, "serve")
     processes.append(proc)

@@ -36,6 +36,7 @@ USER_RPCS = {
     "RequeueSites": catalog_pb2.RequeueSitesRequest,
     "GetPlateProgress": catalog_pb2.GetPlateProgressRequest,
     "GetPlateReport": catalog_pb2.GetPlateReportRequest,
+    "SetPlateMap": catalog_pb2.SetPlateMapRequest,
 }
 BAD_STATUS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
 
@@ -77,7 +78,12 @@ def field_values(f: FieldDescriptor, depth: int) -> st.SearchStrategy[Any] | Non
             return st.one_of(TEXT, st.text(alphabet="0123456789abcdef", min_size=64, max_size=64))
         return TEXT
     if t == FieldDescriptor.TYPE_BYTES:
-        return st.one_of(st.binary(max_size=200), st.just(pipeline(images=("DNA", "GFP"))))
+        return st.one_of(
+            st.binary(max_size=200),
+            st.just(pipeline(images=("DNA", "GFP"))),
+            st.just(b"Well,Dose,Control\nA01,0,-1\nH12,10,1\n"),  # a plate map
+            st.text(alphabet='AB01,\n\t"xW', max_size=60).map(lambda t: ("Well,x\n" + t).encode()),
+        )
     if t == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if t == FieldDescriptor.TYPE_ENUM:

@@ -243,3 +243,78 @@ async def test_cli_ingest_carries_the_pattern_s_other_groups_as_site_metadata(
     assert err.startswith("error: INVALID_ARGUMENT: ") and "metadata Compound as 'taxol' and 'DMSO'" in err, (
         err
     )
+
+
+async def test_cli_registers_a_plate_map_with_the_plate_and_later(
+    catalog_address: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, shared_data: Path
+) -> None:
+    async def cellmesh(*args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["--catalog", catalog_address, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = await cellmesh("pipeline", "register", str(EXAMPLES / "nuclei.cppipe"))
+    assert code == 0, err
+    sha = out.split("sha256    ")[1].split()[0]
+    sbs = shared_data / "bbbc013_translocation_plate" / "images" / "1049_Metadata.csv"
+    code, out, err = await cellmesh(
+        "plate", "create", "SBS", "--channels", "DNA,GFP", "--pipeline", sha[:12], "--rows", "8",
+        "--platemap", str(sbs), "--qc-feature", "Nuclei_Math_Ratio1", "--min-z-prime", "0.5",
+        "--max-failed-share", "0.1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (
+        "plate map             1049_Metadata.csv: 96 wells by row Row and column Column;"
+        " columns Metadata_SBS_Doses, Metadata_SBS_Controls" in out
+    )
+    assert "QC gate               Z' of Nuclei_Math_Ratio1 at least 0.5; at most 10.0% of sites failed" in out
+
+    # A bad map is refused before anything is sent, saying what to fix.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Well,Dose\nA01,1\nA1,2\n")
+    code, _, err = await cellmesh("platemap", "register", "SBS", str(bad))
+    assert code != 0 and "well A01 is in the plate map twice (lines 2 and 3)" in err, err
+    # One that is a map but not of this 8 x 12 plate is refused by the catalog.
+    bad.write_text("well_position,pert_type\nA01,negcon\nP24,poscon\n")
+    code, _, err = await cellmesh("platemap", "register", "SBS", str(bad))
+    assert code != 0 and "well 'P24' is not a well of the plate (8 x 12 wells)" in err, err
+    good = tmp_path / "jump.csv"
+    good.write_text("well_position,pert_type,pert_dose\nA01,negcon,0\nA02,poscon,10\n")
+    code, out, err = await cellmesh("platemap", "register", "SBS", str(good))
+    assert code == 0, err
+    assert "plate map             jump.csv: 2 wells by well column well_position" in out
+    assert "QC gate               Z' of Nuclei_Math_Ratio1" in out  # the gate stays
+
+
+async def test_cli_follow_shows_a_failed_qc_gate(
+    catalog_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import grpc
+    from cellmesh.catalog.v1 import catalog_pb2
+
+    from tests.catalog.kit import claim_all, new_plate, ready_sites, run_to_done
+    from tests.catalog.test_catalog_progress import report
+
+    async with grpc.aio.insecure_channel(catalog_address) as channel:
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        layout = catalog_pb2.PlateLayout(rows=8, columns=12, sites_per_well=1, wells=["A01"])
+        await new_plate(stub, "P1", layout=layout)
+        await ready_sites(stub, "P1", 1)
+        (claim,) = await claim_all(stub)
+        await run_to_done(stub, claim)
+        (run,) = (
+            await stub.ClaimReducibleRuns(
+                catalog_pb2.ClaimReducibleRunsRequest(scheduler_id="s1", max_runs=1, lease_seconds=60)
+            )
+        ).claims
+        made = report(run, sites=1)
+        made.qc.CopyFrom(
+            catalog_pb2.PlateQc(
+                gated=True, passed=False, failures=["Z' of Nuclei_Math_Ratio1 is 0.12, below 0.5"]
+            )
+        )
+        await stub.RegisterPlateReport(catalog_pb2.RegisterPlateReportRequest(report=made))
+    code = await asyncio.to_thread(main, ["--catalog", catalog_address, "follow", "P1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "QC gate FAILED: Z' of Nuclei_Math_Ratio1 is 0.12, below 0.5" in out

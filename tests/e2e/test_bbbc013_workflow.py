@@ -6,6 +6,15 @@ pipeline then runs per site with them and with the plate map it imports
 CellProfiler command line gives running the same two pipelines over the
 folder (every shared numeric column, relative tolerance 1e-9).
 
+The plate is created with its plate map (1049_Metadata.csv) and a QC gate:
+the report's per-well and per-object tables carry the map's dose and control
+columns; its Z'-factor and V-factor of every measurement equal what
+CellProfiler's CalculateStatistics functions (in CellProfiler's environment)
+give for the command line's own per-image values (its Image table's features
+and per-image object means), to 1e-6; the gate (Z' of the GFP translocation
+ratio at least 0.9) fails and says so; the QC page shows the ratio's
+dose-response.
+
 The pipelines are examples/pipelines/bbbc013/{illum,analysis}.cppipe, made by
 CellProfiler 4.2 from the originals (make_bbbc013_workflow.py says what and
 why). The command line's run takes about 9 minutes on 2 cores; its tables
@@ -17,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +43,7 @@ from services.common.s3 import ObjectStore
 from services.mesh import microscope
 from services.mesh.demo import BBBC013_NAME, start_mesh, stop_mesh
 from tests.e2e.meshkit import REPO, assert_nothing_lost, catalog_stub, cp_python, options, wait_complete
+from tests.e2e.test_bbbc013 import cellprofiler_z_and_v
 
 pytestmark = pytest.mark.e2e
 
@@ -148,6 +159,12 @@ async def test_bbbc013_illumination_then_analysis_equal_the_command_line(
                     ),
                     pipeline_sha256=illum.ref.sha256,
                     reduce_with_failures=True,
+                    plate_map=catalog_pb2.PlateMapUpload(
+                        content=(images / "1049_Metadata.csv").read_bytes(), source_name="1049_Metadata.csv"
+                    ),
+                    qc_gate=catalog_pb2.QcGate(
+                        feature="Nuclei_Math_Ratio1", min_z_prime=0.9, max_failed_share=0.05
+                    ),
                 )
             )
             await catalog.AddPlatePipeline(
@@ -215,5 +232,74 @@ async def test_bbbc013_illumination_then_analysis_equal_the_command_line(
                 image = pd.read_csv(io.BytesIO(await store.get_bytes(results["Image.csv"].object.key)))
                 assert "Metadata_SBS_Doses" in image.columns
             assert compared > 100_000, compared
+
+            # The analysis' report: the plate map in its tables, and its QC.
+            report = (
+                await catalog.GetPlateReport(
+                    catalog_pb2.GetPlateReportRequest(plate="BBBC013", pipeline_sha256=analysis.ref.sha256)
+                )
+            ).report
+            files = {f.name: f for f in report.files}
+
+            async def report_file(name: str) -> bytes:
+                return await store.get_bytes(files[name].object.key)
+
+            sbs = pd.read_csv(images / "1049_Metadata.csv")
+            sbs.index = sbs["Row"] + sbs["Column"].map(lambda c: f"{int(c):02d}")
+            for table in (
+                "wells_Image.csv",
+                "wells_Nuclei.csv",
+                "wells_DistCytoplasm.csv",
+                "cells_per_well.csv",
+            ):
+                wells = pd.read_csv(io.BytesIO(await report_file(table))).set_index("Metadata_Well")
+                assert len(wells) == 48, table
+                assert (wells["Metadata_SBS_Doses"] == sbs.loc[wells.index, "SBS_Doses"]).all(), table
+                assert (wells["Metadata_SBS_Controls"] == sbs.loc[wells.index, "SBS_Controls"]).all(), table
+            cells = pd.read_parquet(io.BytesIO(await report_file("PropCells.parquet")))
+            assert (
+                cells["Metadata_SBS_Controls"].to_numpy()
+                == sbs.loc[cells["Metadata_Well"], "SBS_Controls"].to_numpy()
+            ).all()
+
+            # Z' and V of the command line's own per-image values, by CellProfiler's functions.
+            image = theirs["Image.csv"]
+            image.index = image["Metadata_WellRow"] + image["Metadata_WellColumn"].map(
+                lambda c: f"{int(c):02d}"
+            )
+            ours = pd.read_csv(io.BytesIO(await report_file("qc.csv"))).set_index("feature")
+            source = {}
+            for feature in ours.index:
+                obj, _, name = feature.partition("_")
+                column = name if obj == "Image" else f"Mean_{obj}_{name}"
+                if column in image.columns and not any(v in feature for v in VOLATILE):
+                    source[feature] = column
+            assert len(source) > 1000 and "Nuclei_Math_Ratio1" in source, len(source)
+            wells = sorted(image.index)
+            z, v = cellprofiler_z_and_v(
+                tmp_path,
+                sbs.loc[wells, "SBS_Controls"].to_numpy(float),
+                sbs.loc[wells, "SBS_Doses"].to_numpy(float),
+                image.loc[wells, list(source.values())].to_numpy(float),
+            )
+            np.testing.assert_allclose(
+                ours.loc[list(source), "z_prime"].to_numpy(float), z, rtol=0, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                ours.loc[list(source), "v_factor"].to_numpy(float), v, rtol=0, atol=1e-6
+            )
+            ratio = ours.loc["Nuclei_Math_Ratio1", "z_prime"]
+            assert 0.4 < ratio < 0.9, ratio
+            assert report.qc.gated and not report.qc.passed
+            assert list(report.qc.failures) == [f"Z' of Nuclei_Math_Ratio1 is {ratio:.3g}, below 0.9"]
+            summary = json.loads(await report_file("summary.json"))
+            assert (
+                summary["qc"]["dose_column"] == "Metadata_SBS_Doses"
+                and summary["qc"]["gate"]["passed"] is False
+            )
+            page = (await report_file("qc.html")).decode()
+            assert "<img src='qc_dose_response_Nuclei_Math_Ratio1.png'" in page and "FAILED" in page
+            png = await report_file("qc_dose_response_Nuclei_Math_Ratio1.png")
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         await stop_mesh(mesh)

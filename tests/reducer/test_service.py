@@ -171,6 +171,7 @@ async def test_reduce_run_stores_and_registers_the_report(mesh: Mesh, tmp_path: 
         "heatmap_cells_per_well.png": catalog_pb2.REPORT_FILE_KIND_HEATMAP_PNG,
         "cpa.sqlite": catalog_pb2.REPORT_FILE_KIND_CPA_DATABASE,
         "cpa.properties": catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES,
+        "qc.html": catalog_pb2.REPORT_FILE_KIND_QC_PAGE,  # without a plate map it says so
     }
     prefix = f"reports/P1/{SHA[:12]}/g12/"
     blobs = {}
@@ -303,3 +304,44 @@ async def test_an_object_store_outage_longer_than_the_budget_fails_the_reduce(
     assert 1.9 <= took < 15, took
     assert "results/P1/" in str(info.value)  # names what it was fetching
     assert not mesh.catalog.reports.get("P1"), "nothing registered"
+
+
+async def test_the_plate_map_and_qc_gate_reach_the_registered_report(mesh: Mesh) -> None:
+    plate = mesh.catalog.plates["P1"]
+    columns = ["Metadata_role", "Metadata_dose"]
+    roles = {WELLS[0]: ("negcon", "0"), WELLS[1]: ("negcon", "0"), WELLS[-1]: ("poscon", "3")}
+    plate.plate_map.CopyFrom(
+        catalog_pb2.PlateMap(
+            sha256="ab" * 32,
+            source_name="map.csv",
+            columns=columns,
+            located_by="well column Well",
+            wells=[
+                catalog_pb2.PlateMapWell(
+                    well=w, values=dict(zip(columns, roles.get(w, ("trt", str(1 + i % 2))), strict=True))
+                )
+                for i, w in enumerate(WELLS)
+            ],
+        )
+    )
+    plate.qc_gate.CopyFrom(
+        catalog_pb2.QcGate(feature="Nuclei_AreaShape_Area", min_z_prime=0.7, max_failed_share=0.5)
+    )
+    report = await mesh.reducer.reduce_run(run())
+    # Areas 100 w + 10 s + i (see nuclei()): a well's value is the mean of its
+    # sites' means; B03 has only site 2 (site 1 is queued).
+    neg = [100 * w + (10 + 1.0 + 20 + 1.5) / 2 for w in (0, 1)]
+    pos = 100 * 5 + 20 + 1.5
+    z = 1 - 3 * (np.std(neg) + 0) / abs(pos - np.mean(neg))
+    assert abs(report.qc.z_prime - z) < 1e-12 and 0.67 < z < 0.7
+    assert report.qc.gated and not report.qc.passed
+    assert list(report.qc.failures) == [f"Z' of Nuclei_AreaShape_Area is {z:.3g}, below 0.7"]
+    # 2 of 12 sites missing: within the gate's half.
+    assert abs(report.qc.failed_share - 2 / 12) < 1e-12
+    kinds = {f.name: f.kind for f in report.files}
+    assert kinds["qc.csv"] == catalog_pb2.REPORT_FILE_KIND_QC_TABLE
+    assert kinds["qc.html"] == catalog_pb2.REPORT_FILE_KIND_QC_PAGE
+    assert kinds["qc_dose_response_Nuclei_AreaShape_Area.png"] == catalog_pb2.REPORT_FILE_KIND_QC_PLOT_PNG
+    wells = {f.name: f for f in report.files}["wells_Nuclei.csv"]
+    text = (await mesh.store.get_bytes(wells.object.key)).decode()
+    assert text.splitlines()[0].startswith("Metadata_Plate,Metadata_Well,Metadata_role,Metadata_dose,")

@@ -50,6 +50,9 @@ def requests(sha: str) -> dict[str, pb.Message]:
         "GetPipeline": c.GetPipelineRequest(sha256=sha),
         "ListPipelines": c.ListPipelinesRequest(),
         "CreatePlate": c.CreatePlateRequest(name="SEC2", channels=CHANNELS, pipeline_sha256=sha),
+        "SetPlateMap": c.SetPlateMapRequest(
+            plate=PLATE, plate_map=c.PlateMapUpload(content=b"Well,treatment\nA01,dmso\n", source_name="map.csv")
+        ),
         "GetPlate": c.GetPlateRequest(name=PLATE),
         "ListPlates": c.ListPlatesRequest(),
         "FinishAcquisition": c.FinishAcquisitionRequest(plate=PLATE),

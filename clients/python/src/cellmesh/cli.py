@@ -148,7 +148,66 @@ def _print_plate(plate: catalog_pb2.Plate, out: TextIO) -> None:
         f"  reduce with failures  {'yes' if plate.reduce_with_failures else 'no (waits for every site)'}",
         file=out,
     )
+    if plate.HasField("plate_map"):
+        m = plate.plate_map
+        print(
+            f"  plate map             {m.source_name or m.sha256[:12]}: {len(m.wells)} wells by {m.located_by};"
+            f" columns {', '.join(m.columns) or 'none'}",
+            file=out,
+        )
+    if plate.HasField("qc_gate"):
+        print(f"  QC gate               {_gate_text(plate.qc_gate)}", file=out)
     print(f"  created               {_time(plate.created_at)}", file=out)
+
+
+def _gate_text(g: catalog_pb2.QcGate) -> str:
+    rules = []
+    if g.HasField("min_z_prime"):
+        rules.append(f"Z' of {g.feature} at least {g.min_z_prime:g}")
+    if g.HasField("max_failed_share"):
+        rules.append(f"at most {g.max_failed_share:.1%} of sites failed or missing")
+    return "; ".join(rules) or "no rule"
+
+
+def _qc_gate_args(args: argparse.Namespace) -> catalog_pb2.QcGate | None:
+    given = (args.min_z_prime, args.max_failed_share, args.qc_feature, args.control_column, args.dose_column)
+    if all(v is None for v in given):
+        return None
+    gate = catalog_pb2.QcGate(
+        feature=args.qc_feature or "",
+        control_column=args.control_column or "",
+        dose_column=args.dose_column or "",
+    )
+    if args.min_z_prime is not None:
+        gate.min_z_prime = args.min_z_prime
+    if args.max_failed_share is not None:
+        gate.max_failed_share = args.max_failed_share
+    return gate
+
+
+def _add_qc_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--qc-feature",
+        metavar="FEATURE",
+        help="the feature whose Z' the QC gate checks, e.g. Nuclei_Math_Ratio1",
+    )
+    p.add_argument(
+        "--min-z-prime", type=float, metavar="Z", help="the QC gate: the lowest acceptable Z' of --qc-feature"
+    )
+    p.add_argument(
+        "--max-failed-share",
+        type=float,
+        metavar="SHARE",
+        help="the QC gate: the largest share (0-1) of failed or missing sites",
+    )
+    p.add_argument(
+        "--control-column",
+        metavar="COLUMN",
+        help="the plate map's control-role column (default: found by name)",
+    )
+    p.add_argument(
+        "--dose-column", metavar="COLUMN", help="the plate map's dose column (default: found by name)"
+    )
 
 
 def _print_report(report: catalog_pb2.PlateReport, bucket: str, out: TextIO) -> None:
@@ -159,6 +218,11 @@ def _print_report(report: catalog_pb2.PlateReport, bucket: str, out: TextIO) -> 
     )
     for item in report.files:
         print(f"  s3://{bucket}/{item.object.key}  ({item.object.size} bytes)", file=out)
+    if report.HasField("qc") and report.qc.gated:
+        if report.qc.passed:
+            print("QC gate passed", file=out)
+        else:
+            print(f"QC gate FAILED: {'; '.join(report.qc.failures)}", file=out)
     if report.missing_sites:
         print(f"  {len(report.missing_sites)} site(s) not in the report:", file=out)
         for m in report.missing_sites:
@@ -242,7 +306,13 @@ async def cmd_plate_create(client: CellmeshClient, args: argparse.Namespace, out
         )
     shas = [await _resolve_pipeline(client, given) for given in args.pipeline]
     plate = await client.create_plate(
-        args.name, channels, shas[0], layout, reduce_with_failures=not args.strict
+        args.name,
+        channels,
+        shas[0],
+        layout,
+        reduce_with_failures=not args.strict,
+        plate_map=Path(args.platemap) if args.platemap else None,
+        qc_gate=_qc_gate_args(args),
     )
     for sha in shas[1:]:
         plate = (await client.add_pipeline(args.name, sha)).plate
@@ -251,6 +321,13 @@ async def cmd_plate_create(client: CellmeshClient, args: argparse.Namespace, out
         print(
             f"no layout: run `cellmesh plate finish {plate.name}` once the last image is ingested", file=out
         )
+
+
+async def cmd_platemap_register(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
+    plate = await client.set_plate_map(
+        args.plate, Path(args.file) if args.file else None, _qc_gate_args(args)
+    )
+    _print_plate(plate, out)
 
 
 async def cmd_plate_list(client: CellmeshClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -586,6 +663,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--first-site", type=int, help="number of the first site, 0 or 1 (layout default 0)")
     p.add_argument("--wells", help="only these wells, e.g. A01,A02 (default: every well)")
     p.add_argument("--strict", action="store_true", help="report only when every site succeeded")
+    p.add_argument(
+        "--platemap",
+        metavar="FILE",
+        help="a plate map CSV: a well column (Well, well_position) or Row and Column or ImageNumber, "
+        "then any columns (treatment, dose, control role)",
+    )
+    _add_qc_arguments(p)
     p.set_defaults(run=cmd_plate_create)
     p = plate_cmds.add_parser("list", help="list plates")
     p.set_defaults(run=cmd_plate_list)
@@ -599,6 +683,19 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("pipeline", metavar="SHA", help="the pipeline's SHA-256 (or its start)")
     p.set_defaults(run=cmd_plate_add_pipeline)
+
+    platemap_cmd = commands.add_parser("platemap", help="register a plate's plate map and QC gate")
+    platemap_cmds = platemap_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = platemap_cmds.add_parser(
+        "register",
+        help="register (or replace) a plate's map and/or QC gate",
+        description="Register a plate map CSV with a plate; its columns become Metadata_* columns of "
+        "every report table, and its control and dose columns give the report's Z', V-factor and EC50.",
+    )
+    p.add_argument("plate", metavar="PLATE")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the plate map CSV (omit to change only the gate)")
+    _add_qc_arguments(p)
+    p.set_defaults(run=cmd_platemap_register)
 
     p = commands.add_parser(
         "ingest",

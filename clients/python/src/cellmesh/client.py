@@ -254,6 +254,8 @@ class CellmeshClient:
         pipeline_sha256: str,
         layout: catalog_pb2.PlateLayout | None = None,
         reduce_with_failures: bool = True,
+        plate_map: Path | None = None,
+        qc_gate: catalog_pb2.QcGate | None = None,
     ) -> catalog_pb2.Plate:
         """Creates a plate.
 
@@ -264,6 +266,8 @@ class CellmeshClient:
         as they are all done; without it, call `finish_acquisition` when the
         last image is registered. With `reduce_with_failures=False` the report
         waits until every site succeeded (failed sites must be requeued).
+        `plate_map` is a plate map CSV (see `cellmesh.platemap`), `qc_gate`
+        when the plate's reports count as failed QC.
         """
         request = catalog_pb2.CreatePlateRequest(
             name=name,
@@ -271,8 +275,24 @@ class CellmeshClient:
             layout=layout,
             pipeline_sha256=pipeline_sha256,
             reduce_with_failures=reduce_with_failures,
+            plate_map=_platemap_upload(plate_map) if plate_map is not None else None,
+            qc_gate=qc_gate,
         )
         reply = await _rpc(self._catalog.CreatePlate(request, timeout=self.timeout))
+        return reply.plate
+
+    async def set_plate_map(
+        self, plate: str, plate_map: Path | None = None, qc_gate: catalog_pb2.QcGate | None = None
+    ) -> catalog_pb2.Plate:
+        """Registers (or replaces) a plate's map and/or QC gate. A bad map is
+        INVALID_ARGUMENT saying what to fix (checked here first, then by the
+        catalog against the plate's layout)."""
+        request = catalog_pb2.SetPlateMapRequest(
+            plate=plate,
+            plate_map=_platemap_upload(plate_map) if plate_map is not None else None,
+            qc_gate=qc_gate,
+        )
+        reply = await _rpc(self._catalog.SetPlateMap(request, timeout=self.timeout))
         return reply.plate
 
     async def get_plate(self, name: str) -> catalog_pb2.Plate:
@@ -689,3 +709,16 @@ async def download_report(
             raise CellmeshError(grpc.StatusCode.DATA_LOSS, f"report file with an unusable name {item.name!r}")
         out.append((item, await store.download(item.object, folder / name)))
     return out
+
+
+def _platemap_upload(path: Path) -> catalog_pb2.PlateMapUpload:
+    """A plate map file as the catalog takes it, read and checked first (wells
+    against the largest plate; the catalog checks them against the layout)."""
+    from cellmesh import platemap
+
+    content = Path(path).read_bytes()
+    try:
+        platemap.parse(content, columns=48)
+    except platemap.PlateMapError as exc:
+        raise CellmeshError(grpc.StatusCode.INVALID_ARGUMENT, f"plate map {Path(path).name}: {exc}") from None
+    return catalog_pb2.PlateMapUpload(content=content, source_name=Path(path).name)

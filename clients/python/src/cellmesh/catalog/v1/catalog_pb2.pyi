@@ -99,6 +99,12 @@ class _ReportFileKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Report
     """A plate heatmap, PNG."""
     REPORT_FILE_KIND_SUMMARY_JSON: _ReportFileKind.ValueType  # 5
     """A machine-readable summary of the report, JSON."""
+    REPORT_FILE_KIND_QC_TABLE: _ReportFileKind.ValueType  # 6
+    """Plate QC per feature (Z'-factor, V-factor, EC50), CSV."""
+    REPORT_FILE_KIND_QC_PLOT_PNG: _ReportFileKind.ValueType  # 7
+    """A QC plot (dose-response, position effects), PNG."""
+    REPORT_FILE_KIND_QC_PAGE: _ReportFileKind.ValueType  # 8
+    """The QC page: the QC summary and its plots, HTML."""
     REPORT_FILE_KIND_CPA_DATABASE: _ReportFileKind.ValueType  # 9
     """The report as a CellProfiler Analyst database: SQLite with the
     Per_Image and Per_Object tables of CellProfiler's ExportToDatabase.
@@ -123,6 +129,12 @@ REPORT_FILE_KIND_HEATMAP_PNG: ReportFileKind.ValueType  # 4
 """A plate heatmap, PNG."""
 REPORT_FILE_KIND_SUMMARY_JSON: ReportFileKind.ValueType  # 5
 """A machine-readable summary of the report, JSON."""
+REPORT_FILE_KIND_QC_TABLE: ReportFileKind.ValueType  # 6
+"""Plate QC per feature (Z'-factor, V-factor, EC50), CSV."""
+REPORT_FILE_KIND_QC_PLOT_PNG: ReportFileKind.ValueType  # 7
+"""A QC plot (dose-response, position effects), PNG."""
+REPORT_FILE_KIND_QC_PAGE: ReportFileKind.ValueType  # 8
+"""The QC page: the QC summary and its plots, HTML."""
 REPORT_FILE_KIND_CPA_DATABASE: ReportFileKind.ValueType  # 9
 """The report as a CellProfiler Analyst database: SQLite with the
 Per_Image and Per_Object tables of CellProfiler's ExportToDatabase.
@@ -526,6 +538,8 @@ class Plate(_message.Message):
     REDUCE_WITH_FAILURES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     IMAGE_COUNT_FIELD_NUMBER: _builtins.int
+    PLATE_MAP_FIELD_NUMBER: _builtins.int
+    QC_GATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name."""
     sites_known: _builtins.bool
@@ -558,6 +572,16 @@ class Plate(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the plate was created."""
 
+    @_builtins.property
+    def plate_map(self) -> Global___PlateMap:
+        """What is in each well (treatment, dose, control role), if a plate map was
+        registered (CreatePlateRequest.plate_map, SetPlateMap).
+        """
+
+    @_builtins.property
+    def qc_gate(self) -> Global___QcGate:
+        """When the plate's reports count as failed QC; unset: only reported."""
+
     def __init__(
         self,
         *,
@@ -570,14 +594,249 @@ class Plate(_message.Message):
         reduce_with_failures: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         image_count: _builtins.int = ...,
+        plate_map: Global___PlateMap | None = ...,
+        qc_gate: Global___QcGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "layout", b"layout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "layout", b"layout", "plate_map", b"plate_map", "qc_gate", b"qc_gate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquisition_finished", b"acquisition_finished", "channels", b"channels", "created_at", b"created_at", "image_count", b"image_count", "layout", b"layout", "name", b"name", "pipeline_sha256", b"pipeline_sha256", "reduce_with_failures", b"reduce_with_failures", "sites_known", b"sites_known"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquisition_finished", b"acquisition_finished", "channels", b"channels", "created_at", b"created_at", "image_count", b"image_count", "layout", b"layout", "name", b"name", "pipeline_sha256", b"pipeline_sha256", "plate_map", b"plate_map", "qc_gate", b"qc_gate", "reduce_with_failures", b"reduce_with_failures", "sites_known", b"sites_known"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Plate: _TypeAlias = Plate  # noqa: Y015
+
+@_typing.final
+class PlateMap(_message.Message):
+    """A plate map as the catalog keeps it: the user's file read into one row
+    per well (cellmesh.platemap).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SOURCE_NAME_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    WELLS_FIELD_NUMBER: _builtins.int
+    LOCATED_BY_FIELD_NUMBER: _builtins.int
+    REGISTERED_AT_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """The SHA-256 of the file as given."""
+    source_name: _builtins.str
+    """The file's name as given (for people), e.g. "1049_Metadata.csv"."""
+    located_by: _builtins.str
+    """How the file gave its wells: "well column Well", "row Row and column
+    Column" or "image number ImageNumber".
+    """
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The map's columns, each with a "Metadata_" prefix (as pycytominer's
+        annotate names them), in the file's order.
+        """
+
+    @_builtins.property
+    def wells(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlateMapWell]:
+        """Every well of the map, in plate order."""
+
+    @_builtins.property
+    def registered_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        source_name: _builtins.str = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+        wells: _abc.Iterable[Global___PlateMapWell] | None = ...,
+        located_by: _builtins.str = ...,
+        registered_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "located_by", b"located_by", "registered_at", b"registered_at", "sha256", b"sha256", "source_name", b"source_name", "wells", b"wells"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlateMap: _TypeAlias = PlateMap  # noqa: Y015
+
+@_typing.final
+class PlateMapWell(_message.Message):
+    """One well of a plate map."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WELL_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    well: _builtins.str
+    """The well, e.g. "A01"."""
+    @_builtins.property
+    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Column (as in PlateMap.columns) -> value, as text; empty where the file
+        has none.
+        """
+
+    def __init__(
+        self,
+        *,
+        well: _builtins.str = ...,
+        values: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values", "well", b"well"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlateMapWell: _TypeAlias = PlateMapWell  # noqa: Y015
+
+@_typing.final
+class PlateMapUpload(_message.Message):
+    """A plate map file to register."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    SOURCE_NAME_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    """The CSV (or tab-separated) file: a header row, then one row per well
+    with a well column ("Well", "well_position", "Metadata_Well"), or
+    "Row" and "Column", or "ImageNumber" (row-major over the layout's
+    columns), and any other columns. At most 4 MiB.
+    """
+    source_name: _builtins.str
+    """The file's name (for people)."""
+    def __init__(
+        self,
+        *,
+        content: _builtins.bytes = ...,
+        source_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "source_name", b"source_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlateMapUpload: _TypeAlias = PlateMapUpload  # noqa: Y015
+
+@_typing.final
+class QcGate(_message.Message):
+    """When a plate's report fails QC. Every rule given must hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    MIN_Z_PRIME_FIELD_NUMBER: _builtins.int
+    MAX_FAILED_SHARE_FIELD_NUMBER: _builtins.int
+    CONTROL_COLUMN_FIELD_NUMBER: _builtins.int
+    DOSE_COLUMN_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """The feature whose Z'-factor is checked, as the report names it (e.g.
+    "Nuclei_Math_Ratio1" or "Image_Count_Nuclei"); with min_z_prime.
+    """
+    min_z_prime: _builtins.float
+    """The lowest acceptable Z'-factor of `feature`."""
+    max_failed_share: _builtins.float
+    """The largest acceptable share (0 to 1) of the plate's sites that failed
+    or are missing from the report.
+    """
+    control_column: _builtins.str
+    """The plate map column of the control role; empty: the first of
+    Metadata_Controls, Metadata_control_type, Metadata_pert_type, ... found.
+    """
+    dose_column: _builtins.str
+    """The plate map column of the dose; empty: the first of Metadata_Doses,
+    Metadata_dose, Metadata_mmoles_per_liter, ... found (none: no dose).
+    """
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        min_z_prime: _builtins.float | None = ...,
+        max_failed_share: _builtins.float | None = ...,
+        control_column: _builtins.str = ...,
+        dose_column: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_failed_share", b"_max_failed_share", "_min_z_prime", b"_min_z_prime", "max_failed_share", b"max_failed_share", "min_z_prime", b"min_z_prime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_failed_share", b"_max_failed_share", "_min_z_prime", b"_min_z_prime", "control_column", b"control_column", "dose_column", b"dose_column", "feature", b"feature", "max_failed_share", b"max_failed_share", "min_z_prime", b"min_z_prime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_failed_share: _TypeAlias = _typing.Literal["max_failed_share"]  # noqa: Y015
+    _WhichOneofArgType__max_failed_share: _TypeAlias = _typing.Literal["_max_failed_share", b"_max_failed_share"]  # noqa: Y015
+    _WhichOneofReturnType__min_z_prime: _TypeAlias = _typing.Literal["min_z_prime"]  # noqa: Y015
+    _WhichOneofArgType__min_z_prime: _TypeAlias = _typing.Literal["_min_z_prime", b"_min_z_prime"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_failed_share) -> _WhichOneofReturnType__max_failed_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_z_prime) -> _WhichOneofReturnType__min_z_prime | None: ...
+
+Global___QcGate: _TypeAlias = QcGate  # noqa: Y015
+
+@_typing.final
+class PlateQc(_message.Message):
+    """The QC verdict of a report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATED_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    Z_PRIME_FIELD_NUMBER: _builtins.int
+    FAILED_SHARE_FIELD_NUMBER: _builtins.int
+    gated: _builtins.bool
+    """True when the plate has a QC gate and the report was judged by it."""
+    passed: _builtins.bool
+    """True when every rule of the gate held (false also when a rule could not
+    be checked, e.g. no Z'-factor for its feature).
+    """
+    z_prime: _builtins.float
+    """The Z'-factor of the gate's feature, when computed."""
+    failed_share: _builtins.float
+    """The share of the plate's sites that failed or are missing."""
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each rule that did not hold, and why, e.g. "Z' of Nuclei_Math_Ratio1 is
+        0.12, below 0.5".
+        """
+
+    def __init__(
+        self,
+        *,
+        gated: _builtins.bool = ...,
+        passed: _builtins.bool = ...,
+        failures: _abc.Iterable[_builtins.str] | None = ...,
+        z_prime: _builtins.float | None = ...,
+        failed_share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_z_prime", b"_z_prime", "z_prime", b"z_prime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_z_prime", b"_z_prime", "failed_share", b"failed_share", "failures", b"failures", "gated", b"gated", "passed", b"passed", "z_prime", b"z_prime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__z_prime: _TypeAlias = _typing.Literal["z_prime"]  # noqa: Y015
+    _WhichOneofArgType__z_prime: _TypeAlias = _typing.Literal["_z_prime", b"_z_prime"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__z_prime) -> _WhichOneofReturnType__z_prime | None: ...
+
+Global___PlateQc: _TypeAlias = PlateQc  # noqa: Y015
 
 @_typing.final
 class CreatePlateRequest(_message.Message):
@@ -590,6 +849,8 @@ class CreatePlateRequest(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     PIPELINE_SHA256_FIELD_NUMBER: _builtins.int
     REDUCE_WITH_FAILURES_FIELD_NUMBER: _builtins.int
+    PLATE_MAP_FIELD_NUMBER: _builtins.int
+    QC_GATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: letters, digits, '_', '-', '.', 1 to 64 characters."""
     pipeline_sha256: _builtins.str
@@ -606,6 +867,14 @@ class CreatePlateRequest(_message.Message):
     def layout(self) -> Global___PlateLayout:
         """Optional expected layout."""
 
+    @_builtins.property
+    def plate_map(self) -> Global___PlateMapUpload:
+        """Optional plate map, checked against the layout (see SetPlateMap)."""
+
+    @_builtins.property
+    def qc_gate(self) -> Global___QcGate:
+        """Optional QC gate for the plate's reports."""
+
     def __init__(
         self,
         *,
@@ -614,10 +883,12 @@ class CreatePlateRequest(_message.Message):
         layout: Global___PlateLayout | None = ...,
         pipeline_sha256: _builtins.str = ...,
         reduce_with_failures: _builtins.bool = ...,
+        plate_map: Global___PlateMapUpload | None = ...,
+        qc_gate: Global___QcGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "plate_map", b"plate_map", "qc_gate", b"qc_gate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "layout", b"layout", "name", b"name", "pipeline_sha256", b"pipeline_sha256", "reduce_with_failures", b"reduce_with_failures"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "layout", b"layout", "name", b"name", "pipeline_sha256", b"pipeline_sha256", "plate_map", b"plate_map", "qc_gate", b"qc_gate", "reduce_with_failures", b"reduce_with_failures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2368,6 +2639,7 @@ class PlateReport(_message.Message):
     MISSING_SITES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    QC_FIELD_NUMBER: _builtins.int
     plate: _builtins.str
     """The plate."""
     pipeline_sha256: _builtins.str
@@ -2396,6 +2668,10 @@ class PlateReport(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was registered."""
 
+    @_builtins.property
+    def qc(self) -> Global___PlateQc:
+        """The report's QC verdict, when the plate has a QC gate."""
+
     def __init__(
         self,
         *,
@@ -2408,10 +2684,11 @@ class PlateReport(_message.Message):
         missing_sites: _abc.Iterable[Global___MissingSite] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
+        qc: Global___PlateQc | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "qc", b"qc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "files", b"files", "generation", b"generation", "missing_sites", b"missing_sites", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "sites", b"sites", "version", b"version", "wells", b"wells"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "files", b"files", "generation", b"generation", "missing_sites", b"missing_sites", "pipeline_sha256", b"pipeline_sha256", "plate", b"plate", "qc", b"qc", "sites", b"sites", "version", b"version", "wells", b"wells"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2471,6 +2748,64 @@ class RegisterPlateReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterPlateReportResponse: _TypeAlias = RegisterPlateReportResponse  # noqa: Y015
+
+@_typing.final
+class SetPlateMapRequest(_message.Message):
+    """Request of SetPlateMap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLATE_FIELD_NUMBER: _builtins.int
+    PLATE_MAP_FIELD_NUMBER: _builtins.int
+    QC_GATE_FIELD_NUMBER: _builtins.int
+    plate: _builtins.str
+    """The plate's name."""
+    @_builtins.property
+    def plate_map(self) -> Global___PlateMapUpload:
+        """The map; unset keeps the plate's current map."""
+
+    @_builtins.property
+    def qc_gate(self) -> Global___QcGate:
+        """The QC gate; unset keeps the plate's current gate."""
+
+    def __init__(
+        self,
+        *,
+        plate: _builtins.str = ...,
+        plate_map: Global___PlateMapUpload | None = ...,
+        qc_gate: Global___QcGate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plate_map", b"plate_map", "qc_gate", b"qc_gate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plate", b"plate", "plate_map", b"plate_map", "qc_gate", b"qc_gate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPlateMapRequest: _TypeAlias = SetPlateMapRequest  # noqa: Y015
+
+@_typing.final
+class SetPlateMapResponse(_message.Message):
+    """Response of SetPlateMap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plate(self) -> Global___Plate:
+        """The plate after the change."""
+
+    def __init__(
+        self,
+        *,
+        plate: Global___Plate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plate", b"plate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plate", b"plate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPlateMapResponse: _TypeAlias = SetPlateMapResponse  # noqa: Y015
 
 @_typing.final
 class GetPlateReportRequest(_message.Message):

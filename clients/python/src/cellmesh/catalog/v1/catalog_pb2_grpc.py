@@ -157,6 +157,11 @@ class CatalogServiceStub:
                 request_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.GetPlateReportRequest.SerializeToString,
                 response_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.GetPlateReportResponse.FromString,
                 _registered_method=True)
+        self.SetPlateMap = channel.unary_unary(
+                '/cellmesh.catalog.v1.CatalogService/SetPlateMap',
+                request_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.SetPlateMapRequest.SerializeToString,
+                response_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.SetPlateMapResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
@@ -352,6 +357,15 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPlateMap(self, request, context):
+        """Registers (or replaces) a plate's plate map and QC gate. A map whose
+        wells are not the plate's, that gives a well twice or has no well column
+        is refused with INVALID_ARGUMENT saying what to fix; nothing is kept then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -474,6 +488,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.GetPlateReport,
                     request_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.GetPlateReportRequest.FromString,
                     response_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.GetPlateReportResponse.SerializeToString,
+            ),
+            'SetPlateMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPlateMap,
+                    request_deserializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.SetPlateMapRequest.FromString,
+                    response_serializer=cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.SetPlateMapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1127,6 +1146,33 @@ class CatalogService:
             '/cellmesh.catalog.v1.CatalogService/GetPlateReport',
             cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.GetPlateReportRequest.SerializeToString,
             cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.GetPlateReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPlateMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellmesh.catalog.v1.CatalogService/SetPlateMap',
+            cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.SetPlateMapRequest.SerializeToString,
+            cellmesh_dot_catalog_dot_v1_dot_catalog__pb2.SetPlateMapResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,6 +113,11 @@ class CatalogServiceStub:
     """For reducers: registers a plate report (a new version; never overwrites)."""
     GetPlateReport: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetPlateReportRequest, _catalog_pb2.GetPlateReportResponse]
     """Returns a plate's report, the latest version unless one is asked for."""
+    SetPlateMap: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.SetPlateMapRequest, _catalog_pb2.SetPlateMapResponse]
+    """Registers (or replaces) a plate's plate map and QC gate. A map whose
+    wells are not the plate's, that gives a well twice or has no well column
+    is refused with INVALID_ARGUMENT saying what to fix; nothing is kept then.
+    """
 
 @_typing.type_check_only
 class CatalogServiceAsyncStub(CatalogServiceStub):
@@ -199,6 +204,11 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     """For reducers: registers a plate report (a new version; never overwrites)."""
     GetPlateReport: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetPlateReportRequest, _catalog_pb2.GetPlateReportResponse]  # type: ignore[assignment]
     """Returns a plate's report, the latest version unless one is asked for."""
+    SetPlateMap: _aio.UnaryUnaryMultiCallable[_catalog_pb2.SetPlateMapRequest, _catalog_pb2.SetPlateMapResponse]  # type: ignore[assignment]
+    """Registers (or replaces) a plate's plate map and QC gate. A map whose
+    wells are not the plate's, that gives a well twice or has no well column
+    is refused with INVALID_ARGUMENT saying what to fix; nothing is kept then.
+    """
 
 class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     """The catalog: the mesh's single source of truth about plates, pipelines,
@@ -426,5 +436,16 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.GetPlateReportResponse, _abc.Awaitable[_catalog_pb2.GetPlateReportResponse]]:
         """Returns a plate's report, the latest version unless one is asked for."""
+
+    @_abc_1.abstractmethod
+    def SetPlateMap(
+        self,
+        request: _catalog_pb2.SetPlateMapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.SetPlateMapResponse, _abc.Awaitable[_catalog_pb2.SetPlateMapResponse]]:
+        """Registers (or replaces) a plate's plate map and QC gate. A map whose
+        wells are not the plate's, that gives a well twice or has no well column
+        is refused with INVALID_ARGUMENT saying what to fix; nothing is kept then.
+        """
 
 def add_CatalogServiceServicer_to_server(servicer: CatalogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
