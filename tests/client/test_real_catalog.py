@@ -289,13 +289,12 @@ async def test_cli_registers_a_plate_map_with_the_plate_and_later(
 async def test_cli_follow_shows_a_failed_qc_gate(
     catalog_address: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import grpc
     from cellmesh.catalog.v1 import catalog_pb2
 
     from tests.catalog.kit import claim_all, new_plate, ready_sites, run_to_done
     from tests.catalog.test_catalog_progress import report
 
-    async with grpc.aio.insecure_channel(catalog_address) as channel:
+    async with test_pki.channel(catalog_address, "operator") as channel:  # it plays every service
         stub = catalog_pb2_grpc.CatalogServiceStub(channel)
         layout = catalog_pb2.PlateLayout(rows=8, columns=12, sites_per_well=1, wells=["A01"])
         await new_plate(stub, "P1", layout=layout)

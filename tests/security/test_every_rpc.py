@@ -51,7 +51,8 @@ def requests(sha: str) -> dict[str, pb.Message]:
         "ListPipelines": c.ListPipelinesRequest(),
         "CreatePlate": c.CreatePlateRequest(name="SEC2", channels=CHANNELS, pipeline_sha256=sha),
         "SetPlateMap": c.SetPlateMapRequest(
-            plate=PLATE, plate_map=c.PlateMapUpload(content=b"Well,treatment\nA01,dmso\n", source_name="map.csv")
+            plate=PLATE,
+            plate_map=c.PlateMapUpload(content=b"Well,treatment\nA01,dmso\n", source_name="map.csv"),
         ),
         "GetPlate": c.GetPlateRequest(name=PLATE),
         "ListPlates": c.ListPlatesRequest(),
