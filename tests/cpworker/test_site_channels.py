@@ -26,6 +26,7 @@ from services.common.s3 import ObjectStore, S3Settings
 from services.cpworker.runner import ColdRunner, WarmRunner, judge_outputs
 from services.cpworker.site import Failure, Phase, PipelineCache, SiteProcessor, SiteRunner, Success
 from tests.cpworker.test_runner import EXAMPLE_HUMAN, SITE_TIMEOUT, cp_python  # noqa: F401
+from tests.loaddata import with_loaddata
 
 FC = types_pb2.FailureClass
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -203,37 +204,8 @@ async def test_channels_with_one_file_name_do_not_share_a_path(
 
 
 def loaddata_example_human() -> str:
-    """ExampleHuman as Distributed-CellProfiler users write it: its four input
-    modules (Images, Metadata, NamesAndTypes, Groups) replaced by one LoadData
-    that reads load_data.csv from the Default Input Folder with absolute
-    PathName_ columns (Base image location None), the analysis modules as
-    they are."""
-    text = (EXAMPLE_HUMAN / "ExampleHuman.cppipe").read_text()
-    header, *blocks = text.rstrip("\n").split("\n\n")
-    kept = [b for b in blocks if b.split(":", 1)[0] not in ("Images", "Metadata", "NamesAndTypes", "Groups")]
-    assert len(kept) == len(blocks) - 4
-    loaddata = "\n".join(
-        [
-            "LoadData:[module_num:1|svn_version:'Unknown'|variable_revision_number:6|show_window:False|"
-            "notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]",
-            "    Input data file location:Default Input Folder|",
-            "    Name of the file:load_data.csv",
-            "    Load images based on this data?:Yes",
-            "    Base image location:None|",
-            "    Process just a range of rows?:No",
-            "    Rows to process:1,100000",
-            "    Group images by metadata?:No",
-            "    Select metadata tags for grouping:",
-            "    Rescale intensities?:Yes",
-        ]
-    )
-    modules = [loaddata]
-    for number, block in enumerate(kept, start=2):
-        first, _, rest = block.partition("\n")
-        first = first.replace(first[first.index("module_num:") : first.index("|")], f"module_num:{number}", 1)
-        modules.append(f"{first}\n{rest}")
-    header = header.replace("ModuleCount:14", f"ModuleCount:{len(modules)}")
-    return "\n\n".join([header, *modules]) + "\n"
+    """ExampleHuman as Distributed-CellProfiler users write it (tests/loaddata.py)."""
+    return with_loaddata((EXAMPLE_HUMAN / "ExampleHuman.cppipe").read_text())
 
 
 @pytest.mark.parametrize("mode", ["warm", "cold"])

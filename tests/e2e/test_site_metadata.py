@@ -28,6 +28,7 @@ from tests.e2e.meshkit import (
     options,
     wait_complete,
 )
+from tests.loaddata import with_loaddata
 
 pytestmark = pytest.mark.e2e
 
@@ -39,34 +40,9 @@ TAGS = {("A01", 0): ("dmso", "T01"), ("A02", 0): ("taxol", "T01"), ("A02", 1): (
 
 
 def loaddata_nuclei() -> bytes:
-    """nuclei.cppipe with its four input modules replaced by one LoadData
+    """nuclei.cppipe with its input modules replaced by one LoadData
     reading load_data.csv from the Default Input Folder (absolute paths)."""
-    text = NUCLEI.read_text()
-    header, *blocks = text.rstrip("\n").split("\n\n")
-    kept = [b for b in blocks if b.split(":", 1)[0] not in ("Images", "Metadata", "NamesAndTypes", "Groups")]
-    assert len(kept) == len(blocks) - 4
-    loaddata = "\n".join(
-        [
-            "LoadData:[module_num:1|svn_version:'Unknown'|variable_revision_number:6|show_window:False|"
-            "notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]",
-            "    Input data file location:Default Input Folder|",
-            "    Name of the file:load_data.csv",
-            "    Load images based on this data?:Yes",
-            "    Base image location:None|",
-            "    Process just a range of rows?:No",
-            "    Rows to process:1,100000",
-            "    Group images by metadata?:No",
-            "    Select metadata tags for grouping:",
-            "    Rescale intensities?:Yes",
-        ]
-    )
-    modules = [loaddata]
-    for number, block in enumerate(kept, start=2):
-        first, _, rest = block.partition("\n")
-        first = first.replace(first[first.index("module_num:") : first.index("|")], f"module_num:{number}", 1)
-        modules.append(f"{first}\n{rest}")
-    header = header.replace("ModuleCount:8", f"ModuleCount:{len(modules)}")
-    return ("\n\n".join([header, *modules]) + "\n").encode()
+    return with_loaddata(NUCLEI.read_text()).encode()
 
 
 async def test_the_pattern_s_groups_are_metadata_columns_of_the_image_table(tmp_path: Path) -> None:
