@@ -50,6 +50,11 @@ KIND_NAMES = {
     catalog_pb2.REPORT_FILE_KIND_WELL_TABLE: "well_table",
     catalog_pb2.REPORT_FILE_KIND_HEATMAP_PNG: "plot_png",
     catalog_pb2.REPORT_FILE_KIND_SUMMARY_JSON: "summary_json",
+    catalog_pb2.REPORT_FILE_KIND_QC_TABLE: "qc_table",
+    catalog_pb2.REPORT_FILE_KIND_QC_PLOT_PNG: "plot_png",
+    catalog_pb2.REPORT_FILE_KIND_QC_PAGE: "qc_page",
+    catalog_pb2.REPORT_FILE_KIND_CPA_DATABASE: "cpa_database",
+    catalog_pb2.REPORT_FILE_KIND_CPA_PROPERTIES: "cpa_properties",
 }
 _WELL_NAME = re.compile(r"^([A-Z]{1,2})(\d{2,3})$")
 

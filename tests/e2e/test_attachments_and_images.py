@@ -326,7 +326,8 @@ async def test_a_pipeline_that_only_saves_images(tmp_path: Path) -> None:
             # worker's done-file is not one) and lists every site's files as they are.
             await wait_complete(catalog, "IMG1", timeout=120, mesh=mesh)
             report = (await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate="IMG1"))).report
-            assert [f.name for f in report.files] == ["summary.json"]
+            # (and the QC page, which says the plate has no plate map)
+            assert [f.name for f in report.files] == ["summary.json", "qc.html"]
             assert {m.reason for m in report.missing_sites} == {"no result tables"}
     finally:
         await stop_mesh(mesh)

@@ -135,7 +135,7 @@ async def test_bbbc013_illumination_then_analysis_equal_the_command_line(
         async with (
             mesh.channel() as channel,
             ObjectStore(mesh.s3) as store,
-            CellmeshClient(mesh.catalog_addr) as client,
+            CellmeshClient(mesh.catalog_addr, credentials=mesh.credentials("scientist")) as client,
         ):
             catalog = catalog_stub(channel)
             illum = (await client.register_pipeline(ILLUM, "ExampleSBSIllumination")).pipeline

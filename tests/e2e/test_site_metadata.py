@@ -71,7 +71,10 @@ async def test_the_pattern_s_groups_are_metadata_columns_of_the_image_table(tmp_
                 access_key=mesh.s3.access_key,
                 secret_key=mesh.s3.secret_key,
             )
-            async with CellmeshClient(mesh.catalog_addr) as client, ClientStore(config) as objects:
+            async with (
+                CellmeshClient(mesh.catalog_addr, credentials=mesh.credentials("scientist")) as client,
+                ClientStore(config) as objects,
+            ):
                 summary = await Ingester(
                     client, objects, FileNameParser(PATTERN, plate=plate), progress=False
                 ).run_once(folder)

@@ -5,6 +5,7 @@ RabbitMQ, S3 server and CellProfiler."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -75,6 +76,7 @@ async def test_a_reduce_that_kills_its_reducers_fails_and_runs_again_on_request(
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env={**os.environ, **(mesh.pki.client_env("viewer") if mesh.pki is not None else {})},
             )
             assert follow.returncode != 0 and "the plate's report failed" in follow.stderr, follow.stderr
             # Fixed (no failpoint), and issued again by hand: the report comes.

@@ -154,7 +154,13 @@ async def test_plate_map_turns_done_live_then_a_well_and_the_report(
         )
         plots = await page.eval_on_selector_all("#report img.plot", "is => is.map(i => i.alt)")
         assert "heatmap_cells_per_well.png" in plots, plots
-        downloads = await page.eval_on_selector_all("#report ul.downloads a", "as => as.map(a => a.href)")
+        downloads = await page.eval_on_selector_all(
+            "#report ul.downloads a:not(.view)", "as => as.map(a => a.href)"
+        )
+        opened = await page.eval_on_selector_all(
+            "#report ul.downloads a.view", "as => as.map(a => a.textContent)"
+        )
+        assert opened == ["open"]  # qc.html opens in the browser too
         report = (await catalog.GetPlateReport(catalog_pb2.GetPlateReportRequest(plate=plate))).report
         assert len(downloads) == len(report.files)
         summary = next(f for f in report.files if f.kind == catalog_pb2.REPORT_FILE_KIND_SUMMARY_JSON)
