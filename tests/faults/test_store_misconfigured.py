@@ -212,7 +212,10 @@ async def test_reducer_with_a_missing_bucket_waits_and_resumes(tmp_path: Path) -
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
 
         async def is_not_serving() -> bool:
-            return await reducer_health(reducer) == not_serving
+            # NOT_SERVING because of the store (it also starts NOT_SERVING,
+            # before its first probe has told it anything).
+            closed = "S3_BUCKET" in reducer.log_path.read_text()
+            return closed and await reducer_health(reducer) == not_serving
 
         await wait_until("NOT_SERVING", is_not_serving, reducer)
         refusal = await reducer_refusal(reducer, "R1")
