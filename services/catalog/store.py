@@ -1829,17 +1829,7 @@ class CatalogStore:
             row = await session.get(RunCountsRow, run.id)
             counts: dict[int, int] = defaultdict(int)
             if row is not None:
-                counts.update(
-                    {
-                        int(SiteState.WAITING): row.waiting,
-                        int(SiteState.READY): row.ready,
-                        int(SiteState.CLAIMED): row.claimed,
-                        int(SiteState.QUEUED): row.queued,
-                        int(SiteState.RUNNING): row.running,
-                        int(SiteState.DONE): row.done,
-                        int(SiteState.FAILED): row.failed,
-                    }
-                )
+                counts.update({int(state): n for state, n in _kept_counts(row).items()})
             version = await session.scalar(
                 select(func.max(ReportRow.version)).where(ReportRow.run_id == run.id)
             )
@@ -1890,7 +1880,7 @@ class CatalogStore:
                 if row is None:
                     problems.append(f"run {run_id} has no kept counts")
                     continue
-                have = {s: getattr(row, s.name.lower()) for s in SiteState}
+                have = _kept_counts(row)
                 want = {s: counted[run_id][int(s)] for s in SiteState}
                 if have != want:
                     problems.append(f"run {run_id}: kept {have}, counted {want}")
@@ -2142,6 +2132,11 @@ class CatalogStore:
 
 
 # -- helpers -----------------------------------------------------------------------
+
+
+def _kept_counts(row: RunCountsRow) -> dict[SiteState, int]:
+    """A `run_counts` row as jobs per state (its columns are the states' names)."""
+    return {state: getattr(row, state.name.lower()) for state in SiteState}
 
 
 def _short(exc: BaseException) -> str:
