@@ -249,9 +249,19 @@ def _guarded(
             await context.abort(refusal.code, refusal.message)
         _CALLER.set(caller)
 
+    return admitted(handler, lambda _request, context: admit(context))
+
+
+def admitted(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    admit: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with `admit(request, context)` awaited before its behaviour
+    runs (it aborts the call to refuse it); for server interceptors."""
+
     def unary(inner: Behaviour) -> Behaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await admit(context)
+            await admit(request, context)
             result = inner(request, context)
             return await result if hasattr(result, "__await__") else result
 
@@ -259,7 +269,7 @@ def _guarded(
 
     def streaming(inner: Behaviour) -> Behaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            await admit(context)
+            await admit(request, context)
             result = inner(request, context)
             if hasattr(result, "__aiter__"):
                 async for item in result:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from services.common import roles
-from services.common.auth import current_caller
+from services.common.auth import admitted, current_caller
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,6 @@ class Limits:
         return LimitsInterceptor(RateLimiter(self.rate_per_s, self.rate_burst))
 
 
-Behaviour = Callable[..., Any]
-
-
 def _caller_key(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
     """(who calls, whether it is one of the mesh's services)."""
     caller = current_caller()
@@ -182,34 +179,4 @@ def _limited(
                     f"(bursts of {limiter.burst}); retry in {wait:.2f} s",
                 )
 
-    if handler.unary_unary is not None:
-        inner_unary: Behaviour = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await admit(request, context)
-            result = inner_unary(request, context)
-            return await result if hasattr(result, "__await__") else result
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    inner_stream: Behaviour | None = handler.unary_stream
-    assert inner_stream is not None
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        await admit(request, context)
-        result = inner_stream(request, context)
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:
-            for item in result:
-                yield item
-
-    return grpc.unary_stream_rpc_method_handler(
-        streaming,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return admitted(handler, admit)
